@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from distpool import Pool  # noqa: E402
+
+_pools: dict[int, Pool] = {}
+
+
+@pytest.fixture(scope="session")
+def tp_run():
+    """``tp_run(world, fn, *args)``: run ``fn`` on every rank of a live gloo group of that size."""
+
+    def run(world: int, fn, *args, **kwargs):
+        pool = _pools.get(world)
+        if pool is None or not pool.alive:
+            pool = _pools[world] = Pool(world)
+        return pool.run(fn, *args, **kwargs)
+
+    yield run
+    for pool in _pools.values():
+        pool.close()
+    _pools.clear()

@@ -1,0 +1,30 @@
+"""Tensor-parallel building blocks: partition rule, collectives, layers and ``parallelize``."""
+
+from .comm import (
+    CommError,
+    all_gather,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    broadcast_tensor,
+    gather_to_rank0,
+    get_group,
+    set_default_timeout,
+    tp_rank,
+    tp_size,
+)
+from .config import TensorParallelConfig, init_distributed
+from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from .parallelize import DistributedModelWrapper, infer_plan, parallelize
+from .partition import PartitionError, head_ranges, partition_range, partition_sizes
+from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
+
+__all__ = [
+    "CommError", "all_gather", "all_reduce_sum", "barrier", "broadcast_object", "broadcast_tensor",
+    "gather_to_rank0", "get_group", "set_default_timeout", "tp_rank", "tp_size",
+    "TensorParallelConfig", "init_distributed",
+    "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "VocabParallelEmbedding",
+    "DistributedModelWrapper", "infer_plan", "parallelize",
+    "PartitionError", "head_ranges", "partition_range", "partition_sizes",
+    "copy_to_tp_region", "gather_from_tp_region", "reduce_from_tp_region", "scatter_to_tp_region",
+]

@@ -1,0 +1,166 @@
+"""Collectives with deadlines.
+
+Every function here waits at most ``timeout`` seconds (default: ``TPSERVE_COMM_TIMEOUT`` or 300)
+and turns a dead or silent peer into a :class:`CommError` that says which rank was waiting
+and for whom, instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import config as _config
+
+
+class CommError(RuntimeError):
+    """A collective failed or timed out: a peer process has exited or hung."""
+
+
+def set_default_timeout(seconds: float) -> None:
+    """Deadline for every later collective that is not given its own."""
+    _config.DEFAULT_TIMEOUT_S = float(seconds)
+
+
+def get_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
+    """``group``, or the default (world) group; a clear error if none exists yet."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call tpserve.parallel.init_distributed() "
+            "(or torch.distributed.init_process_group) before building or running tensor-parallel "
+            "layers, or launch with torchrun"
+        )
+    return group if group is not None else dist.group.WORLD
+
+
+def tp_rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(get_group(group))
+
+
+def tp_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(get_group(group))
+
+
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Device that tensors must live on for this group's backend (CUDA for NCCL)."""
+    backend = dist.get_backend(get_group(group))
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _wait(work: dist.Work, op: str, group: dist.ProcessGroup, timeout: float | None) -> None:
+    seconds = _config.DEFAULT_TIMEOUT_S if timeout is None else timeout
+    start = time.monotonic()
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except Exception as exc:  # gloo raises RuntimeError, NCCL DistBackendError
+        me = dist.get_rank()
+        peers = [r for r in dist.get_process_group_ranks(group) if r != me]
+        elapsed = time.monotonic() - start
+        what = "timed out" if elapsed >= seconds * 0.95 else "failed"
+        raise CommError(
+            f"{op} on rank {me} {what} after {elapsed:.1f}s (limit {seconds:g}s) waiting for rank(s) {peers}: "
+            f"a peer process exited, crashed or hung. Check the other ranks' logs; raise "
+            f"TPSERVE_COMM_TIMEOUT if they are just slow. ({exc})"
+        ) from exc
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> torch.Tensor:
+    """Sum ``tensor`` over the group, in place; returns it."""
+    group = get_group(group)
+    if dist.get_world_size(group) == 1:
+        return tensor
+    _wait(dist.all_reduce(tensor, group=group, async_op=True), "all_reduce_sum", group, timeout)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | None = None,
+               sizes: list[int] | None = None, timeout: float | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along ``dim``.
+
+    Pieces may differ in size along ``dim`` (uneven partitions): pass ``sizes`` when they are
+    known, otherwise one extra small collective finds them. Uses a padded list all_gather,
+    which gloo supports, instead of all_gather_into_tensor, which it does not.
+    """
+    group = get_group(group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    dim = dim % tensor.dim()
+    if sizes is None:
+        mine = torch.tensor([tensor.shape[dim]], dtype=torch.int64, device=tensor.device)
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        _wait(dist.all_gather(parts, mine, group=group, async_op=True), "all_gather(sizes)", group, timeout)
+        sizes = [int(p.item()) for p in parts]
+    if len(sizes) != world or sizes[dist.get_rank(group)] != tensor.shape[dim]:
+        raise ValueError(f"all_gather: sizes {sizes} do not match this rank's piece of size {tensor.shape[dim]} along dim {dim}")
+    biggest = max(sizes)
+    x = tensor.contiguous()
+    if x.shape[dim] < biggest:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = biggest - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    out = [torch.empty_like(x) for _ in range(world)]
+    _wait(dist.all_gather(out, x, group=group, async_op=True), "all_gather", group, timeout)
+    return torch.cat([o.narrow(dim, 0, n) for o, n in zip(out, sizes)], dim=dim)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None,
+                     timeout: float | None = None) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with group-rank ``src``'s; returns it."""
+    group = get_group(group)
+    if dist.get_world_size(group) == 1:
+        return tensor
+    _wait(dist.broadcast(tensor, group=group, group_src=src, async_op=True), "broadcast_tensor", group, timeout)
+    return tensor
+
+
+def broadcast_object(obj: object = None, src: int = 0, group: dist.ProcessGroup | None = None,
+                     timeout: float | None = None) -> object:
+    """Send a picklable object from group-rank ``src`` to all; every rank returns it."""
+    group = get_group(group)
+    if dist.get_world_size(group) == 1:
+        return obj
+    device = comm_device(group)
+    is_src = dist.get_rank(group) == src
+    payload = pickle.dumps(obj) if is_src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    broadcast_tensor(size, src, group, timeout)
+    if is_src:
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    broadcast_tensor(buf, src, group, timeout)
+    return obj if is_src else pickle.loads(buf.cpu().numpy().tobytes())
+
+
+def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None,
+                    timeout: float | None = None) -> torch.Tensor | None:
+    """Concatenate the last-dim pieces on group-rank 0 only (inference; no autograd)."""
+    group = get_group(group)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    biggest = max(sizes)
+    x = x.detach()
+    if x.shape[-1] < biggest:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-1], biggest - x.shape[-1])], dim=-1)
+    x = x.contiguous()
+    rank = dist.get_rank(group)
+    out = [torch.empty_like(x) for _ in range(world)] if rank == 0 else None
+    _wait(dist.gather(x, out, group=group, group_dst=0, async_op=True), "gather_to_rank0", group, timeout)
+    if rank != 0:
+        return None
+    return torch.cat([o[..., :n] for o, n in zip(out, sizes)], dim=-1)
+
+
+def barrier(group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
+    """Wait until every rank of the group arrives (a tiny all-reduce, so it honours the deadline)."""
+    group = get_group(group)
+    if dist.get_world_size(group) > 1:
+        all_reduce_sum(torch.zeros(1, device=comm_device(group)), group, timeout)

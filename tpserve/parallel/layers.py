@@ -1,0 +1,285 @@
+"""Column-, row- and vocabulary-parallel layers.
+
+Naming follows Megatron and vLLM: a *column*-parallel linear splits its output dimension, a
+*row*-parallel linear splits its input dimension, all-reduces, and adds its bias once.
+Every parameter carries a ``weight_loader(param, full)`` that copies this rank's slice out of
+the full tensor, so loaders never need to know how a layer is split. ``full`` may be a tensor or
+a lazy safetensors slice: only this rank's rows or columns are read from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm
+from .partition import partition_range, partition_sizes
+from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
+
+
+def _shape_of(full) -> tuple[int, ...]:
+    return tuple(full.get_shape()) if hasattr(full, "get_shape") else tuple(full.shape)
+
+
+def load_shard(param: torch.Tensor, full, dim: int | None, start: int = 0, end: int = 0, name: str = "parameter") -> None:
+    """Copy ``full[start:end]`` along ``dim`` (or all of ``full`` when ``dim`` is None) into ``param``.
+
+    Only the slice is read: indexing a safetensors slice reads just those bytes.
+    """
+    shape = _shape_of(full)
+    want = list(param.shape)
+    if dim is not None:
+        want[dim] = None
+    if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)) or (
+        dim is not None and shape[dim] < end
+    ):
+        expect = list(param.shape)
+        if dim is not None:
+            expect[dim] = f">={end}"
+        raise ValueError(f"{name}: checkpoint tensor has shape {list(shape)}, expected {expect}")
+    if dim is None:
+        piece = full[...] if hasattr(full, "get_shape") else full
+    else:
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(start, end)
+        piece = full[tuple(index)]
+    with torch.no_grad():
+        param.copy_(piece)
+
+
+def _init_linear(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    """nn.Linear's default init, with the fan-in of the whole (unsplit) layer.
+
+    It draws from the global RNG, and shards differ in size, so ranks' RNG streams part ways
+    after it: pass ``init=False`` when weights will be loaded anyway (``from_dense`` does).
+    """
+    if weight.is_meta:
+        return
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+        if bias is not None:
+            bias.uniform_(-bound, bound)
+
+
+class _TPModule(nn.Module):
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.group = comm.get_group(group)
+        self.tp_rank = dist.get_rank(self.group)
+        self.tp_size = dist.get_world_size(self.group)
+
+
+class ColumnParallelLinear(_TPModule):
+    """``y = x W^T + b`` with W's rows (output features) split over the TP group.
+
+    ``unit`` keeps whole attention heads together; ``out_range`` overrides this rank's rows
+    (used for KV heads that several ranks share), in which case the output cannot be gathered.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False, *,
+                 unit: int = 1, out_range: tuple[int, int] | None = None, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True) -> None:
+        super().__init__(group)
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        what = f"out_features of ColumnParallelLinear({in_features}, {out_features})"
+        self.out_sizes = partition_sizes(out_features, self.tp_size, unit, what)
+        if out_range is None:
+            out_range = partition_range(out_features, self.tp_size, self.tp_rank, unit, what)
+        elif gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output=True needs the standard partition, not an explicit out_range")
+        elif not 0 <= out_range[0] < out_range[1] <= out_features:
+            raise ValueError(f"ColumnParallelLinear: out_range {out_range} is outside 0..{out_features}")
+        self.out_start, self.out_end = out_range
+        local = self.out_end - self.out_start
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+        if init:
+            _init_linear(self.weight, self.bias, in_features)
+
+    def weight_loader(self, param: nn.Parameter, full) -> None:
+        load_shard(param, full, 0, self.out_start, self.out_end, f"{type(self).__name__} {'bias' if param.dim() == 1 else 'weight'}")
+
+    def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
+        y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        if self.gather_output if gather_output is None else gather_output:
+            y = gather_from_tp_region(y, self.out_sizes, -1, self.group)
+        return y
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, **kwargs) -> "ColumnParallelLinear":
+        """This rank's shard of a full ``nn.Linear`` that every rank holds."""
+        kwargs.setdefault("device", module.weight.device)
+        kwargs.setdefault("dtype", module.weight.dtype)
+        kwargs.setdefault("init", False)
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+        layer.weight_loader(layer.weight, module.weight.detach())
+        if module.bias is not None:
+            layer.weight_loader(layer.bias, module.bias.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"(rank {self.tp_rank}: rows {self.out_start}:{self.out_end}), gather_output={self.gather_output}")
+
+
+class RowParallelLinear(_TPModule):
+    """``y = x W^T + b`` with W's columns (input features) split; partial sums are all-reduced
+    and the bias, held whole on every rank, is added once after the reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True, *,
+                 unit: int = 1, group: dist.ProcessGroup | None = None, reduce_output: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True) -> None:
+        super().__init__(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.reduce_output = input_is_parallel, reduce_output
+        what = f"in_features of RowParallelLinear({in_features}, {out_features})"
+        self.in_sizes = partition_sizes(in_features, self.tp_size, unit, what)
+        self.in_start, self.in_end = partition_range(in_features, self.tp_size, self.tp_rank, unit, what)
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_end - self.in_start, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+        if init:
+            _init_linear(self.weight, self.bias, in_features)
+
+    def weight_loader(self, param: nn.Parameter, full) -> None:
+        if param is self.bias:
+            load_shard(param, full, None, name=f"{type(self).__name__} bias")
+        else:
+            load_shard(param, full, 1, self.in_start, self.in_end, f"{type(self).__name__} weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.in_sizes, -1, self.group)
+        elif x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(
+                f"RowParallelLinear on rank {self.tp_rank} expects this rank's {self.weight.shape[1]} input features, "
+                f"got {x.shape[-1]}; pass input_is_parallel=False to give it the full input"
+            )
+        y = F.linear(x, self.weight)
+        if self.reduce_output and self.tp_size > 1:
+            if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
+                y = reduce_from_tp_region(y, self.group)
+            else:  # inference: reduce the fresh matmul output in place, no copy
+                comm.all_reduce_sum(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, **kwargs) -> "RowParallelLinear":
+        kwargs.setdefault("device", module.weight.device)
+        kwargs.setdefault("dtype", module.weight.dtype)
+        kwargs.setdefault("init", False)
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
+        layer.weight_loader(layer.weight, module.weight.detach())
+        if module.bias is not None:
+            layer.weight_loader(layer.bias, module.bias.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (rank {self.tp_rank}: cols {self.in_start}:{self.in_end}), "
+                f"out_features={self.out_features}, input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(_TPModule):
+    """Embedding table split by vocabulary rows; ids outside this rank's range give zeros,
+    and the all-reduce fills each position from the rank that owns its id."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True) -> None:
+        super().__init__(group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        what = f"vocabulary of VocabParallelEmbedding({num_embeddings}, {embedding_dim})"
+        self.vocab_sizes = partition_sizes(num_embeddings, self.tp_size, 1, what)
+        self.vocab_start, self.vocab_end = partition_range(num_embeddings, self.tp_size, self.tp_rank, 1, what)
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim, device=device, dtype=dtype))
+        self.weight.weight_loader = self.weight_loader
+        if init and not self.weight.is_meta:
+            nn.init.normal_(self.weight)
+
+    def weight_loader(self, param: nn.Parameter, full) -> None:
+        load_shard(param, full, 0, self.vocab_start, self.vocab_end, f"{type(self).__name__} weight")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(
+                f"token id out of range: ids span {int(ids.min())}..{int(ids.max())} but the vocabulary has "
+                f"{self.num_embeddings} entries"
+            )
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if torch.is_grad_enabled() and out.requires_grad:
+            return reduce_from_tp_region(out, self.group)
+        return comm.all_reduce_sum(out, self.group)
+
+    @classmethod
+    def from_dense(cls, module: nn.Embedding, **kwargs) -> "VocabParallelEmbedding":
+        kwargs.setdefault("device", module.weight.device)
+        kwargs.setdefault("dtype", module.weight.dtype)
+        kwargs.setdefault("init", False)
+        layer = cls(module.num_embeddings, module.embedding_dim, **kwargs)
+        layer.weight_loader(layer.weight, module.weight.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim} "
+                f"(rank {self.tp_rank}: ids {self.vocab_start}:{self.vocab_end})")
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection split by vocabulary, the same way as :class:`VocabParallelEmbedding`,
+    so a tied head can share the embedding's shard.
+
+    ``forward`` returns this rank's logits slice unless ``gather_output`` asks for the full
+    vocabulary; ``gather_output="rank0"`` gathers them on group-rank 0 only (others get None),
+    which is all that sampling on rank 0 needs.
+    """
+
+    def __init__(self, embedding_dim: int, num_embeddings: int, bias: bool = False, gather_output: bool | str = True, *,
+                 group: dist.ProcessGroup | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, init: bool = True) -> None:
+        super().__init__(num_embeddings, embedding_dim, group=group, device=device, dtype=dtype, init=init)
+        self.gather_output = gather_output
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.vocab_end - self.vocab_start, device=device, dtype=dtype))
+            self.bias.weight_loader = self.weight_loader
+
+    def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
+        """Share ``embedding``'s vocabulary shard (tied input and output embeddings)."""
+        if (embedding.vocab_start, embedding.vocab_end, embedding.embedding_dim) != (self.vocab_start, self.vocab_end, self.embedding_dim):
+            raise ValueError("cannot tie: the embedding and the LM head are split differently")
+        self.weight = embedding.weight
+
+    def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
+        logits = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        mode = self.gather_output if gather_output is None else gather_output
+        if not mode or self.tp_size == 1:
+            return logits
+        if mode == "rank0":
+            return comm.gather_to_rank0(logits, self.vocab_sizes, self.group)
+        return gather_from_tp_region(logits, self.vocab_sizes, -1, self.group)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear | nn.Embedding, **kwargs) -> "ParallelLMHead":
+        """From an ``nn.Linear(dim, vocab)`` head, or the ``nn.Embedding`` it is tied to."""
+        kwargs.setdefault("device", module.weight.device)
+        kwargs.setdefault("dtype", module.weight.dtype)
+        kwargs.setdefault("init", False)
+        vocab, dim = module.weight.shape
+        bias = getattr(module, "bias", None)
+        layer = cls(dim, vocab, bias=bias is not None, **kwargs)
+        layer.weight_loader(layer.weight, module.weight.detach())
+        if bias is not None:
+            layer.weight_loader(layer.bias, bias.detach())
+        return layer
+
