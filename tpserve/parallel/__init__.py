@@ -3,6 +3,7 @@
 from .comm import (
     CommError,
     all_gather,
+    all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -20,7 +21,7 @@ from .partition import PartitionError, head_ranges, partition_range, partition_s
 from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
 
 __all__ = [
-    "CommError", "all_gather", "all_reduce_sum", "barrier", "broadcast_object", "broadcast_tensor",
+    "CommError", "all_gather", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "broadcast_tensor",
     "gather_to_rank0", "get_group", "set_default_timeout", "tp_rank", "tp_size",
     "TensorParallelConfig", "init_distributed",
     "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "VocabParallelEmbedding",

@@ -139,6 +139,23 @@ def broadcast_object(obj: object = None, src: int = 0, group: dist.ProcessGroup 
     return obj if is_src else pickle.loads(buf.cpu().numpy().tobytes())
 
 
+
+def all_gather_object(obj: object, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> list:
+    """Every rank's picklable ``obj``, in group-rank order, on every rank."""
+    group = get_group(group)
+    if dist.get_world_size(group) == 1:
+        return [obj]
+    device = comm_device(group)
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    world = dist.get_world_size(group)
+    sizes = all_gather(torch.tensor([payload.numel()], device=device), 0, group, [1] * world, timeout).tolist()
+    parts = all_gather(payload, 0, group, sizes, timeout)
+    out, at = [], 0
+    for n in sizes:
+        out.append(pickle.loads(parts[at:at + n].cpu().numpy().tobytes()))
+        at += n
+    return out
+
 def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None,
                     timeout: float | None = None) -> torch.Tensor | None:
     """Concatenate the last-dim pieces on group-rank 0 only (inference; no autograd)."""

@@ -25,22 +25,23 @@ def _shape_of(full) -> tuple[int, ...]:
     return tuple(full.get_shape()) if hasattr(full, "get_shape") else tuple(full.shape)
 
 
-def load_shard(param: torch.Tensor, full, dim: int | None, start: int = 0, end: int = 0, name: str = "parameter") -> None:
+def load_shard(param: torch.Tensor, full, dim: int | None, start: int = 0, end: int = 0, name: str = "parameter",
+               full_size: int | None = None) -> None:
     """Copy ``full[start:end]`` along ``dim`` (or all of ``full`` when ``dim`` is None) into ``param``.
 
-    Only the slice is read: indexing a safetensors slice reads just those bytes.
+    ``full`` must have the whole layer's shape: ``param``'s shape with ``full_size`` along ``dim``.
+    Only the slice is read: a lazy checkpoint tensor reads just those bytes.
     """
     shape = _shape_of(full)
     want = list(param.shape)
     if dim is not None:
-        want[dim] = None
-    if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)) or (
-        dim is not None and shape[dim] < end
-    ):
-        expect = list(param.shape)
-        if dim is not None:
-            expect[dim] = f">={end}"
-        raise ValueError(f"{name}: checkpoint tensor has shape {list(shape)}, expected {expect}")
+        want[dim] = full_size if full_size is not None else max(end, shape[dim] if len(shape) > dim else end)
+    if list(shape) != want:
+        raise ValueError(f"{name}: checkpoint tensor has shape {list(shape)}, the model expects {want} "
+                         f"(does config.json match the weights?)")
+    if hasattr(full, "read_into"):  # a lazy checkpoint tensor: ranged read straight into param
+        full.read_into(param.data, dim, start, end)
+        return
     if dim is None:
         piece = full[...] if hasattr(full, "get_shape") else full
     else:
@@ -104,7 +105,8 @@ class ColumnParallelLinear(_TPModule):
             _init_linear(self.weight, self.bias, in_features)
 
     def weight_loader(self, param: nn.Parameter, full) -> None:
-        load_shard(param, full, 0, self.out_start, self.out_end, f"{type(self).__name__} {'bias' if param.dim() == 1 else 'weight'}")
+        load_shard(param, full, 0, self.out_start, self.out_end,
+                   f"{type(self).__name__} {'bias' if param.dim() == 1 else 'weight'}", self.out_features)
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
         y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
@@ -153,7 +155,7 @@ class RowParallelLinear(_TPModule):
         if param is self.bias:
             load_shard(param, full, None, name=f"{type(self).__name__} bias")
         else:
-            load_shard(param, full, 1, self.in_start, self.in_end, f"{type(self).__name__} weight")
+            load_shard(param, full, 1, self.in_start, self.in_end, f"{type(self).__name__} weight", self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -204,7 +206,8 @@ class VocabParallelEmbedding(_TPModule):
             nn.init.normal_(self.weight)
 
     def weight_loader(self, param: nn.Parameter, full) -> None:
-        load_shard(param, full, 0, self.vocab_start, self.vocab_end, f"{type(self).__name__} weight")
+        load_shard(param, full, 0, self.vocab_start, self.vocab_end, f"{type(self).__name__} weight",
+                   self.num_embeddings)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):

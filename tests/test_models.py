@@ -1,0 +1,178 @@
+"""Native models against transformers: logits and greedy tokens at TP = 1..4, and bad checkpoints."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import torch.distributed as dist
+
+TP = [1, 2, 3, 4]
+NEW_TOKENS = 32
+
+
+def _config(kind: str):
+    import transformers as tf
+
+    common = dict(vocab_size=160, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                  max_position_embeddings=128, initializer_range=0.1)
+    if kind == "llama_gqa":
+        return tf.LlamaConfig(**{**common, "hidden_size": 64}, num_attention_heads=8, num_key_value_heads=2)
+    if kind == "llama_9_3_tied":  # SmolLM2's head layout
+        return tf.LlamaConfig(**common, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    if kind == "llama3_rope":
+        return tf.LlamaConfig(**common, num_attention_heads=6, num_key_value_heads=3, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})
+    if kind == "mistral_window":
+        return tf.MistralConfig(**common, num_attention_heads=6, num_key_value_heads=2, sliding_window=16)
+    if kind == "qwen2_bias":
+        return tf.Qwen2Config(**common, num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=False)
+    if kind == "qwen3_qknorm":
+        return tf.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    raise KeyError(kind)
+
+
+KINDS = ["llama_gqa", "llama_9_3_tied", "llama3_rope", "mistral_window", "qwen2_bias", "qwen3_qknorm"]
+PROMPTS = [[5, 17, 33, 2, 91, 7, 64], [120, 3], [44, 9, 150, 11, 6]]
+
+
+def _save_reference(kind: str, path) -> dict:
+    """Save a random model like transformers would, and record its logits and greedy tokens."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = _config(kind)
+    cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "qwen3": tf.Qwen3ForCausalLM}[cfg.model_type]
+    model = cls(cfg).eval()
+    model.generation_config.eos_token_id = None
+    shard = {"max_shard_size": "200KB"} if kind == "llama_gqa" else {}  # exercise the index path too
+    model.save_pretrained(path, **shard)
+    ref = {"logits": [], "greedy": []}
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = torch.tensor([p])
+            ref["logits"].append(model(ids).logits[0])
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            ref["greedy"].append(out[0, len(p):].tolist())
+    return ref
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {k: (str(root / k), _save_reference(k, root / k)) for k in KINDS}
+
+
+def check_parity(path: str, ref: dict) -> dict:
+    from tpserve.engine.runner import full_logits, generate
+    from tpserve.models import load_model
+
+    model = load_model(path, dtype="float32", device="cpu", progress=False)
+    logits = full_logits(model, PROMPTS)
+
+    def greedy(lg, i):
+        return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)
+
+    tokens = generate(model, PROMPTS, NEW_TOKENS, greedy if dist.get_rank() == 0 else None)
+    out = {"tokens": tokens.tolist()}
+    if logits is not None:
+        out["err"] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits, ref["logits"]))
+        out["abs_err"] = max((a - b).abs().max().item() for a, b in zip(logits, ref["logits"]))
+    return out
+
+
+@pytest.mark.parametrize("tp", TP)
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_with_transformers(tp_run, checkpoints, kind, tp):
+    path, ref = checkpoints[kind]
+    results = tp_run(tp, check_parity, path, ref)
+    assert results[0]["abs_err"] <= 1e-4, f"{kind} TP={tp}: max abs logit error {results[0]['abs_err']:.3g}"
+    for r in results:  # every rank ends with the tokens rank 0 chose
+        assert r["tokens"] == results[0]["tokens"]
+    assert results[0]["tokens"] == ref["greedy"], f"{kind} TP={tp}: greedy tokens differ from transformers"
+
+
+# ---- bad checkpoints: each error names file and tensor, on every rank, before any forward ----
+
+def check_load_error(path: str) -> str:
+    from tpserve.checkpoint.safetensors_io import CheckpointError
+    from tpserve.models import load_model
+
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, dtype="float32", device="cpu", progress=False)
+    return str(info.value)
+
+
+def _rewrite_header(file, edit) -> None:
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.fixture()
+def broken(checkpoints, tmp_path):
+    def make(kind: str):
+        dst = tmp_path / kind
+        shutil.copytree(checkpoints[kind][0], dst)
+        return dst
+    return make
+
+
+def test_missing_file_named_by_index(tp_run, broken):
+    d = broken("llama_gqa")
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    for msg in tp_run(2, check_load_error, str(d)):
+        assert victim.name in msg and "missing" in msg
+
+
+def test_missing_tensor(tp_run, broken):
+    d = broken("llama_9_3_tied")
+    _rewrite_header(d / "model.safetensors", lambda h: h.pop("model.layers.1.mlp.up_proj.weight"))
+    for msg in tp_run(2, check_load_error, str(d)):
+        assert "model.layers.1.mlp.up_proj.weight" in msg and "missing" in msg
+
+
+def test_shape_disagrees_with_config(tp_run, broken):
+    d = broken("llama_9_3_tied")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    for msg in tp_run(2, check_load_error, str(d)):
+        assert "model.safetensors" in msg and "mlp" in msg and "shape" in msg
+
+
+def test_truncated_file(tp_run, broken):
+    d = broken("qwen2_bias")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    for msg in tp_run(2, check_load_error, str(d)):
+        assert "model.safetensors" in msg and "truncated" in msg and "tensor" in msg
+
+
+def test_header_offsets_lie(tp_run, broken):
+    d = broken("qwen2_bias")
+
+    def lie(h):
+        meta = h["model.norm.weight"]
+        meta["data_offsets"] = [meta["data_offsets"][0], meta["data_offsets"][1] + 8]
+
+    _rewrite_header(d / "model.safetensors", lie)
+    for msg in tp_run(2, check_load_error, str(d)):
+        assert "model.safetensors" in msg and "model.norm.weight" in msg
+
+
+def test_unsupported_architecture(tmp_path):
+    from tpserve.models import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, MistralForCausalLM, "
+                                         "Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        load_config(tmp_path)

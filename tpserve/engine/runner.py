@@ -1,0 +1,95 @@
+"""The generation loop every rank runs in lockstep (SPMD).
+
+Rank 0 alone sees full logits and picks the next tokens; it broadcasts them with a "stop"
+flag, so the ranks cannot diverge even when sampling is random.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tpserve.parallel import broadcast_tensor
+
+from .kv_cache import allocate_kv_cache
+
+# choose(logits [B, vocab] float32, step) -> (tokens [B] int64, finished [B] bool); rank 0 only.
+Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] left-padded with 0, and rope positions [B, T] with -1 on padding."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    pos = torch.full((len(prompts), width), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            pos[i, width - len(p):] = torch.arange(len(p))
+    return ids.to(device), pos.to(device)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    w = model.model.layers[0].self_attn.q_proj.weight
+    return w.device, w.dtype
+
+
+@torch.no_grad()
+def full_logits(model: nn.Module, prompts: list[list[int]]) -> list[torch.Tensor] | None:
+    """Full-vocabulary logits at every position of each prompt (float32, CPU) on rank 0; None elsewhere."""
+    device, dtype = _device_dtype(model)
+    ids, pos = left_pad(prompts, device)
+    step = model.make_step(pos.clamp(min=0), pos, 0, dtype)
+    logits = model(ids, step, None, gather="rank0")
+    if logits is None:
+        return None
+    width = ids.shape[1]
+    return [logits[i, width - len(p):].float().cpu() for i, p in enumerate(prompts)]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, choose: Chooser | None,
+             group: dist.ProcessGroup | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Prefill ``prompts`` together, then decode up to ``max_new_tokens`` steps.
+
+    ``choose`` runs on rank 0 only (others pass None). Returns the chosen tokens [B, steps]
+    on every rank; rows that finished keep decoding (their later tokens are ignored by the
+    caller) until every row is done.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device, dtype = _device_dtype(model)
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    cache = allocate_kv_cache(model, batch, width + max_new_tokens)
+    ids, pos = left_pad(prompts, device)
+    key_pos = torch.full((batch, width + max_new_tokens), -1, dtype=torch.long, device=device)
+    key_pos[:, :width] = pos
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)
+    step = model.make_step(pos.clamp(min=0), key_pos[:, :width], 0, dtype)
+    logits = model(ids, step, cache, last_only=True, gather="rank0")
+    is_rank0 = dist.get_rank(model.group) == 0
+    finished = torch.zeros(batch, dtype=torch.bool)
+    chosen = []
+    packet = torch.zeros(batch + 1, dtype=torch.long, device=device)  # tokens, then "all done"
+    for i in range(max_new_tokens):
+        if is_rank0:
+            tokens, done = choose(logits[:, -1].float(), i)
+            finished |= done.cpu()
+            packet[:batch] = tokens
+            packet[batch] = int(bool(finished.all()) or i == max_new_tokens - 1)
+        broadcast_tensor(packet, 0, model.group)
+        tokens = packet[:batch].clone()
+        chosen.append(tokens)
+        if on_step is not None:
+            on_step(tokens)
+        if packet[batch].item():
+            break
+        slot = width + i
+        key_pos[:, slot] = next_pos
+        step = model.make_step(next_pos[:, None], key_pos[:, :slot + 1], slot, dtype)
+        next_pos = next_pos + 1
+        logits = model(tokens[:, None], step, cache, last_only=True, gather="rank0")
+    return torch.stack(chosen, dim=1).cpu()

@@ -1,0 +1,288 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) built from tensor-parallel layers.
+
+Module and parameter names match transformers checkpoints (``model.layers.0.self_attn.q_proj``),
+so loading is a name lookup plus each parameter's ``weight_loader``. One class serves all four
+architectures; what differs is read from the config (qkv bias, q/k norm, sliding window).
+
+Heads: query heads split contiguously by the partition rule; each rank holds exactly the KV heads
+its query heads use, so KV heads are replicated when TP exceeds their count and split unevenly
+when counts do not divide (SmolLM2's 9 query / 3 KV heads runs at TP = 2, 3 and 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tpserve.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    get_group,
+    head_ranges,
+)
+
+
+@dataclass
+class Spec:
+    """The facts about a checkpoint's architecture the forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> "Spec":
+        model_type = getattr(config, "model_type", "llama")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (Llama-family models use 'silu')")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        window = None
+        if model_type == "mistral":
+            window = getattr(config, "sliding_window", None)
+        elif getattr(config, "use_sliding_window", False):
+            raise ValueError(f"{model_type} with use_sliding_window=True is not supported yet")
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=attention_bias and model_type != "qwen2",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=window,
+        )
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scale, computed by transformers' own rope functions so
+    Llama-3, linear and YaRN scaling match the reference exactly."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    kind = params.get("rope_type", params.get("type", "default"))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if kind == "default":
+        base = params["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)), 1.0
+    if kind in ("dynamic", "longrope") or kind not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3, yarn")
+    with torch.device("cpu"):  # also when the model itself is being built on the meta device
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+    return inv_freq.float(), float(scale)
+
+
+class RMSNorm(nn.Module):
+    """Normalises in float32 and casts back before the weight, as transformers does."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Step:
+    """What one forward call attends over; built once, shared by every layer.
+
+    positions: [B, T] rope positions of the new tokens.
+    slots:     where the new tokens' K/V go in the cache: an int (same column for every row)
+               or a [B, T] tensor of columns.
+    kv_len:    how many cache columns the new tokens attend over (ignored without a cache).
+    mask:      additive float mask [B, 1, T, kv_len]; finite, so padded rows never make NaNs.
+    cos, sin:  rope tables for ``positions``, [B, 1, T, head_dim].
+    """
+
+    positions: torch.Tensor
+    slots: int | torch.Tensor
+    kv_len: int
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def _kv_of_q(spec: Spec, tp: int, rank: int) -> list[int]:
+    """For each local query head, the index of its KV head among this rank's KV heads."""
+    (q0, q1), (kv0, _) = head_ranges(spec.num_heads, spec.num_kv_heads, tp, rank)
+    group_size = spec.num_heads // spec.num_kv_heads
+    return [qh // group_size - kv0 for qh in range(q0, q1)]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
+        super().__init__()
+        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        hd, h = spec.head_dim, spec.hidden_size
+        (q0, q1), (kv0, kv1) = head_ranges(spec.num_heads, spec.num_kv_heads, tp, rank)
+        self.head_dim, self.num_local_heads, self.num_local_kv = hd, q1 - q0, kv1 - kv0
+        kw = dict(group=group, device=device, dtype=dtype, init=False)
+        self.q_proj = ColumnParallelLinear(h, spec.num_heads * hd, spec.qkv_bias, out_range=(q0 * hd, q1 * hd), **kw)
+        self.k_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd), **kw)
+        self.v_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd), **kw)
+        self.o_proj = RowParallelLinear(spec.num_heads * hd, h, spec.o_bias, unit=hd, **kw)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.rms_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(hd, spec.rms_norm_eps, device, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kv_of_q = _kv_of_q(spec, tp, rank)
+        # SDPA's GQA path needs every local KV head to serve the same number of consecutive
+        # local query heads; an uneven cut (e.g. heads 0-4 over KV heads 0,0,0,1,1) needs a gather.
+        per_kv = self.num_local_heads // self.num_local_kv
+        self.gqa_uniform = self.kv_of_q == [i // per_kv for i in range(self.num_local_heads)]
+        self.kv_index = torch.tensor(self.kv_of_q, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_local_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_local_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q = q * step.cos + _rotate_half(q) * step.sin
+        k = k * step.cos + _rotate_half(k) * step.sin
+        if cache is not None:  # cache layout [B, H, S, D]
+            k_cache, v_cache = cache
+            if isinstance(step.slots, int):
+                k_cache[:, :, step.slots:step.slots + T] = k
+                v_cache[:, :, step.slots:step.slots + T] = v
+            else:
+                rows = torch.arange(B, device=x.device)[:, None]
+                k_cache.permute(0, 2, 1, 3)[rows, step.slots] = k.transpose(1, 2)
+                v_cache.permute(0, 2, 1, 3)[rows, step.slots] = v.transpose(1, 2)
+            k, v = k_cache[:, :, :step.kv_len], v_cache[:, :, :step.kv_len]
+        if self.gqa_uniform:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask,
+                                                 enable_gqa=self.num_local_heads != self.num_local_kv)
+        else:
+            out = F.scaled_dot_product_attention(q, k.index_select(1, self.kv_index), v.index_select(1, self.kv_index),
+                                                 attn_mask=step.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = dict(group=group, device=device, dtype=dtype, init=False)
+        h, i = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = ColumnParallelLinear(h, i, spec.mlp_bias, **kw)
+        self.up_proj = ColumnParallelLinear(h, i, spec.mlp_bias, **kw)
+        self.down_proj = RowParallelLinear(i, h, spec.mlp_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec, group, device, dtype)
+        self.mlp = MLP(spec, group, device, dtype)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
+
+    def forward(self, x, step: Step, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, group=group, device=device,
+                                                   dtype=dtype, init=False)
+        self.layers = nn.ModuleList(DecoderLayer(spec, group, device, dtype) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    """TP-aware causal LM; ``forward`` returns logits (see ``gather``)."""
+
+    def __init__(self, config, group: dist.ProcessGroup | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec = Spec.from_config(config)
+        self.group = get_group(group)
+        self.model = Backbone(spec, self.group, device, dtype)
+        self.lm_head = ParallelLMHead(spec.hidden_size, spec.vocab_size, group=self.group, device=device, dtype=dtype,
+                                      init=False)
+        self.tie_weights()
+        self.inv_freq, self.rope_scale = rope_inv_freq(config)
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def init_buffers(self, device: torch.device) -> None:
+        """(Re)build the non-weight tensors (rope frequencies, KV-head index) on ``device``, e.g.
+        after the model was built on the meta device and loaded."""
+        self.inv_freq = rope_inv_freq(self.config)[0].to(device)
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_index = torch.tensor(attn.kv_of_q, dtype=torch.long, device=device)
+
+    def make_step(self, positions: torch.Tensor, key_positions: torch.Tensor, slots: int | torch.Tensor,
+                  dtype: torch.dtype) -> Step:
+        """Rope tables and the attention mask for new tokens at ``positions`` [B, T] that see keys
+        whose positions are ``key_positions`` [B, L] (-1 marks an empty or padded slot)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(dtype)[:, None]
+        qp, kp = positions[:, :, None], key_positions[:, None, :]
+        allowed = (kp >= 0) & (kp <= qp)
+        if self.spec.sliding_window:
+            allowed &= qp - kp < self.spec.sliding_window
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return Step(positions, slots, key_positions.shape[1], mask[:, None], cos, sin)
+
+    def forward(self, input_ids: torch.Tensor, step: Step, kv_cache: list | None = None,
+                last_only: bool = False, gather: bool | str = True) -> torch.Tensor | None:
+        """Logits for ``input_ids`` [B, T]: all positions, or the last one with ``last_only``.
+        ``gather``: True for full-vocabulary logits on every rank, "rank0" for rank 0 only
+        (others get None), False for this rank's vocabulary slice."""
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, step, kv_cache[i] if kv_cache is not None else None)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x), gather_output=gather)
+

@@ -1,0 +1,139 @@
+"""Build a model on the meta device and fill this rank's shards from a checkpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
+from tpserve.parallel import all_gather_object, get_group
+from tpserve.parallel.layers import load_shard
+
+from .registry import load_config, model_class
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" (or None): float32 on CPU, bfloat16 on CUDA."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[dtype]
+
+
+def _loader_of(model: nn.Module, name: str):
+    """The owning module's weight_loader (parameters lose their attribute when they leave meta)."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return getattr(owner, "weight_loader", None)
+
+
+def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | None = None,
+                 threads: int = 8, progress: bool = True) -> int:
+    """Fill every parameter of ``model`` with this rank's slice from the checkpoint at ``path``.
+
+    All ranks agree on failure: if any rank hits an error, every rank raises it, so none is
+    left waiting in a collective. Returns the bytes this rank read.
+    """
+    group = get_group(group)
+    rank = dist.get_rank(group)
+    error, nbytes = None, 0
+    try:
+        nbytes = _load_local(model, path, threads, progress and rank == 0)
+    except (CheckpointError, ValueError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    errors = all_gather_object(error, group)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        r, e = bad[0]
+        raise CheckpointError(e if r == rank else f"rank {r}: {e}")
+    return nbytes
+
+
+def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool) -> int:
+    refs = open_checkpoint(path)
+    tasks = []
+    for name, param in model.named_parameters():  # tied weights appear once, under the first name
+        ref = refs.get(name)
+        if ref is None:
+            where = sorted({str(r.path.name) for r in refs.values()})
+            raise CheckpointError(f"{path}: tensor {name} is missing from the checkpoint (files: {', '.join(where)})")
+        tasks.append((name, param, ref, _loader_of(model, name)))
+    total = sum(p.numel() * ref.dtype.itemsize for _, p, ref, _ in tasks)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading shards", leave=False)
+    lock = threading.Lock()
+    read = [0]
+    start = time.perf_counter()
+
+    def run(task) -> None:
+        name, param, ref, loader = task
+        try:
+            if loader is not None:
+                loader(param, ref)
+            else:
+                load_shard(param, ref, None, name=name)
+        except CheckpointError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"{ref.path}: tensor {name}: {exc}") from None
+        with lock:
+            n = param.numel() * ref.dtype.itemsize
+            read[0] += n
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix_str(f"{read[0] / 1e9 / max(time.perf_counter() - start, 1e-9):.2f} GB/s")
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for future in [pool.submit(run, t) for t in tasks]:
+            future.result()
+    if bar is not None:
+        bar.close()
+    return read[0]
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None,
+               group: dist.ProcessGroup | None = None, progress: bool = True) -> nn.Module:
+    """This rank's shard of the model at ``path``, ready for inference.
+
+    Call inside an initialised process group (torchrun + ``tpserve.parallel.init_distributed()``);
+    every rank of the group must call it. The model is built on the meta device, so no rank ever
+    allocates more than its own shard.
+    """
+    group = get_group(group)
+    path = Path(path)
+    config = load_config(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config, group=group, dtype=dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_buffers(device)
+    load_weights(model, path, group, progress=progress)
+    model.eval().requires_grad_(False)
+    model.source_path = path
+    return model
