@@ -1,33 +1,180 @@
-"""The ``tpserve`` command."""
+"""The ``tpserve`` command: generate, chat, inspect, selfcheck."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="transformers directory or .gguf file (default: the embedded "
+                                                   "SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree (processes)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpserve", description="Tensor-parallel LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt, streaming tokens to stdout")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("prompt")
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("inspect", help="architecture, size and how the model shards at --tp")
+    p.add_argument("path")
+    p.add_argument("--tp", type=_positive_int, default=2)
+
     p = sub.add_parser("selfcheck", help="check every parallel layer against its dense twin on N local processes")
     p.add_argument("--tp", type=_positive_int, default=2, help="number of processes (TP degree)")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "selfcheck":
-        from tpserve.parallel.selfcheck import run
+    return parser
 
-        try:
+
+def _generate(args) -> None:
+    from tpserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device) as llm:
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+        out = llm._generate([prompt], params, on_text=_print_delta, add_special_tokens=not args.chat)
+        if llm.rank == 0:
+            print(flush=True)
+            if out[0].outputs[0].finish_reason == "length":
+                print(f"[stopped after --max-tokens {args.max_tokens}]", file=sys.stderr)
+
+
+def _print_delta(row: int, text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _chat(args) -> None:
+    from tpserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device) as llm:
+        print("tpserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line or line in ("exit", "quit"):
+                break
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("model> ")
+            out = llm._generate([llm.apply_chat_template(messages)], params, on_text=_print_delta,
+                                add_special_tokens=False)
+            print(flush=True)
+            messages.append({"role": "assistant", "content": out[0].outputs[0].text})
+
+
+def _inspect(args) -> None:
+    from tpserve.checkpoint.safetensors_io import open_checkpoint
+    from tpserve.engine.llm import resolve_model_path
+    from tpserve.models import load_config
+    from tpserve.models.layout import layout
+    from tpserve.models.llama import Spec
+    from tpserve.parallel import head_ranges
+
+    path = resolve_model_path(args.path)
+    config = load_config(path)
+    spec = Spec.from_config(config)
+    refs = open_checkpoint(path)
+    total = sum(math.prod(r.shape) for r in refs.values())
+    nbytes = sum(r.nbytes for r in refs.values())
+    dtypes = sorted({str(r.dtype).removeprefix("torch.") for r in refs.values()})
+    print(f"path:          {path}")
+    print(f"architecture:  {', '.join(config.architectures)} ({config.model_type})")
+    print(f"parameters:    {total:,} ({total / 1e6:.1f} M)")
+    print(f"dtype:         {', '.join(dtypes)}")
+    print(f"bytes:         {nbytes:,} ({nbytes / 2**20:.1f} MiB)")
+    print(f"layers:        {spec.num_layers}, hidden {spec.hidden_size}, intermediate {spec.intermediate_size}, "
+          f"vocab {spec.vocab_size}, context {spec.max_position_embeddings}")
+    print(f"attention:     {spec.num_heads} query heads, {spec.num_kv_heads} KV heads, head_dim {spec.head_dim}"
+          f"{', tied embeddings' if spec.tie_word_embeddings else ''}")
+    if args.tp > spec.num_heads:
+        raise ValueError(f"--tp {args.tp} is larger than the model's {spec.num_heads} attention heads")
+    ranks = layout(config, args.tp)
+    print(f"\nsharding at TP={args.tp}:")
+    print(f"  {'rank':>4}  {'query heads':>11}  {'KV heads':>8}  {'MLP columns':>13}  {'vocab rows':>13}  {'bytes':>12}")
+    for rank, shards in enumerate(ranks):
+        (q0, q1), (k0, k1) = head_ranges(spec.num_heads, spec.num_kv_heads, args.tp, rank)
+        mlp = shards["model.layers.0.mlp.gate_proj.weight"]
+        emb = shards["model.embed_tokens.weight"]
+        size = 0
+        for name, s in shards.items():
+            local = list(s.full_shape)
+            if s.dim is not None:
+                local[s.dim] = s.end - s.start
+            size += math.prod(local) * refs[name].dtype.itemsize if name in refs else 0
+        print(f"  {rank:>4}  {f'{q0}-{q1 - 1}':>11}  {f'{k0}-{k1 - 1}':>8}  {f'{mlp.start}-{mlp.end - 1}':>13}  "
+              f"{f'{emb.start}-{emb.end - 1}':>13}  {size:>12,}")
+    if spec.num_kv_heads < args.tp or spec.num_heads % args.tp or spec.num_kv_heads % args.tp:
+        print("  (uneven heads: ranks sharing a KV head each hold a copy of it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "selfcheck":
+            from tpserve.parallel.selfcheck import run
+
             run(args.tp, args.seed)
-        except Exception as exc:  # a rank failed: its own output says why
-            print(f"tpserve selfcheck: {exc}", file=sys.stderr)
-            return 1
+        elif args.command == "generate":
+            _generate(args)
+        elif args.command == "chat":
+            _chat(args)
+        elif args.command == "inspect":
+            _inspect(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        # a user's mistake or a failed rank: one line, no traceback
+        print(f"tpserve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,10 +82,11 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading shards", leave=False)
+        # tqdm's rate column shows the GB/s; disable=None hides the bar when stderr is not a terminal
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading shards", leave=False, disable=None,
+                   mininterval=0.25)
     lock = threading.Lock()
     read = [0]
-    start = time.perf_counter()
 
     def run(task) -> None:
         name, param, ref, loader = task
@@ -104,7 +104,6 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
             read[0] += n
             if bar is not None:
                 bar.update(n)
-                bar.set_postfix_str(f"{read[0] / 1e9 / max(time.perf_counter() - start, 1e-9):.2f} GB/s")
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for future in [pool.submit(run, t) for t in tasks]:

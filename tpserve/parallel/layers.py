@@ -74,6 +74,17 @@ class _TPModule(nn.Module):
         self.tp_rank = dist.get_rank(self.group)
         self.tp_size = dist.get_world_size(self.group)
 
+    def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
+        """``(dim, start, end, full_size)``: which slice of the full tensor ``param`` holds
+        (``dim`` None: all of it). The one place each layer states how it is cut; loading,
+        saving and resharding all ask it."""
+        raise NotImplementedError
+
+    def weight_loader(self, param: nn.Parameter, full) -> None:
+        dim, start, end, full_size = self.shard_of(param)
+        kind = "bias" if param is getattr(self, "bias", None) else "weight"
+        load_shard(param, full, dim, start, end, f"{type(self).__name__} {kind}", full_size)
+
 
 class ColumnParallelLinear(_TPModule):
     """``y = x W^T + b`` with W's rows (output features) split over the TP group.
@@ -104,9 +115,8 @@ class ColumnParallelLinear(_TPModule):
         if init:
             _init_linear(self.weight, self.bias, in_features)
 
-    def weight_loader(self, param: nn.Parameter, full) -> None:
-        load_shard(param, full, 0, self.out_start, self.out_end,
-                   f"{type(self).__name__} {'bias' if param.dim() == 1 else 'weight'}", self.out_features)
+    def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
+        return 0, self.out_start, self.out_end, self.out_features
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
         y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
@@ -151,11 +161,10 @@ class RowParallelLinear(_TPModule):
         if init:
             _init_linear(self.weight, self.bias, in_features)
 
-    def weight_loader(self, param: nn.Parameter, full) -> None:
-        if param is self.bias:
-            load_shard(param, full, None, name=f"{type(self).__name__} bias")
-        else:
-            load_shard(param, full, 1, self.in_start, self.in_end, f"{type(self).__name__} weight", self.in_features)
+    def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
+        if param is self.bias:  # whole on every rank, added once after the reduce
+            return None, 0, self.out_features, self.out_features
+        return 1, self.in_start, self.in_end, self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -205,9 +214,8 @@ class VocabParallelEmbedding(_TPModule):
         if init and not self.weight.is_meta:
             nn.init.normal_(self.weight)
 
-    def weight_loader(self, param: nn.Parameter, full) -> None:
-        load_shard(param, full, 0, self.vocab_start, self.vocab_end, f"{type(self).__name__} weight",
-                   self.num_embeddings)
+    def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
+        return 0, self.vocab_start, self.vocab_end, self.num_embeddings
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):

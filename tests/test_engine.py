@@ -1,0 +1,164 @@
+"""The LLM API on the embedded default model: TP-invariance, chat, sampling, worker faults."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tpserve import LLM, SamplingParams
+
+PROMPTS = ["The capital of Germany is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+SEEDED = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, top_k=50, seed=1234)
+
+
+def _run_all(tp: int) -> dict:
+    with LLM(tensor_parallel_size=tp) as llm:
+        greedy = llm.generate(PROMPTS, GREEDY)
+        seeded = llm.generate(PROMPTS, SEEDED)
+        seeded_again = llm.generate(PROMPTS, SEEDED)
+        logits = llm.logits([[1, 504, 3458, 282], [42, 7]])
+    return {
+        "greedy": [o.outputs[0].text for o in greedy],
+        "greedy_ids": [o.outputs[0].token_ids for o in greedy],
+        "seeded": [o.outputs[0].token_ids for o in seeded],
+        "seeded_again": [o.outputs[0].token_ids for o in seeded_again],
+        "logits": logits,
+    }
+
+
+@pytest.fixture(scope="module")
+def by_tp():
+    return {tp: _run_all(tp) for tp in (1, 2, 3, 4)}
+
+
+def test_greedy_text_identical_at_every_tp(by_tp):
+    ref = by_tp[1]
+    assert all(len(ids) == 12 for ids in ref["greedy_ids"])
+    assert all(text.strip() for text in ref["greedy"])
+    for tp in (2, 3, 4):
+        assert by_tp[tp]["greedy"] == ref["greedy"], f"TP={tp}"
+
+
+def test_seeded_sampling_reproducible_across_runs_and_tp(by_tp):
+    ref = by_tp[1]["seeded"]
+    assert ref != by_tp[1]["greedy_ids"]  # it really sampled
+    for tp in (1, 2, 3, 4):
+        assert by_tp[tp]["seeded"] == ref, f"TP={tp}"
+        assert by_tp[tp]["seeded_again"] == ref, f"TP={tp}, second run"
+
+
+def test_logits_shape_and_tp_invariance(by_tp):
+    ref = by_tp[1]["logits"]
+    assert [tuple(t.shape) for t in ref] == [(4, 49152), (2, 49152)]
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ref)
+    for tp in (2, 3, 4):
+        for a, b in zip(by_tp[tp]["logits"], ref):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_batch_matches_one_by_one():
+    with LLM(tensor_parallel_size=2) as llm:
+        batch = llm.generate(PROMPTS, GREEDY)
+        single = [llm.generate(p, GREEDY)[0] for p in PROMPTS]
+        ids = llm.generate([[1, 504, 3458]], GREEDY)[0]
+    assert [o.outputs[0].token_ids for o in batch] == [o.outputs[0].token_ids for o in single]
+    assert ids.prompt is None and ids.prompt_token_ids == [1, 504, 3458]
+
+
+def test_chat_knows_the_capital_of_france():
+    with LLM(tensor_parallel_size=2) as llm:
+        out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(max_tokens=24))
+    completion = out[0].outputs[0]
+    assert "Paris" in completion.text
+    assert completion.finish_reason in ("stop", "length")
+
+
+def test_stop_strings_and_finish_reasons():
+    with LLM() as llm:
+        full = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=10))[0].outputs[0]
+        assert full.finish_reason == "length" and len(full.token_ids) == 10
+        cut = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=10, stop=[" 6"]))[0].outputs[0]
+    assert full.text.startswith(" 5, 6")
+    assert cut.finish_reason == "stop" and cut.text == " 5,"
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLM(model="/nonexistent/model")
+    with pytest.raises(ValueError, match="larger than the model's 9 attention heads"):
+        LLM(tensor_parallel_size=10)
+    with LLM() as llm:
+        with pytest.raises(ValueError, match="context is 8192"):
+            llm.generate([[1] * 8192])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[1, 10**9]])
+
+
+def _pids_of_children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_killed_worker_raises_quickly_and_leaves_nothing():
+    llm = LLM(tensor_parallel_size=3)
+    pids = [p.pid for p in llm._workers]
+    killed_at = []
+
+    def kill():
+        time.sleep(1.0)
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+    with pytest.raises(RuntimeError, match=r"rank 2: pid \d+ exited \(killed by signal 9\)"):
+        llm.generate(["Tell me a very long story about dragons."] * 2, SamplingParams(max_tokens=2000, ignore_eos=True))
+    assert time.monotonic() - killed_at[0] < 10
+    time.sleep(0.5)
+    assert all(_gone(p) for p in pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate("hello")
+    llm.close()
+
+
+def test_ctrl_c_leaves_no_orphans():
+    cmd = [sys.executable, "-m", "tpserve", "generate", "--tp", "2", "--max-tokens", "3000", "--ignore-eos",
+           "Count to one thousand:"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(1)  # generation has started
+    assert first, proc.stderr.read()
+    kids = _pids_of_children(proc.pid)
+    workers = [k for k in kids if not _gone(k)]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    assert proc.returncode == 130
+    deadline = time.monotonic() + 10
+    while not all(_gone(k) for k in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and all(_gone(k) for k in workers)

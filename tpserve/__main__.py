@@ -1,0 +1,5 @@
+import sys
+
+from tpserve.cli import main
+
+sys.exit(main())

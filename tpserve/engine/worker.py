@@ -1,0 +1,73 @@
+"""Worker processes: ranks 1..N-1 of a local engine, waiting for rank 0's commands.
+
+Commands arrive over a pipe (not a collective), so an idle worker never times out and a
+dead driver is noticed. Once a command arrives every rank runs it in lockstep through
+:func:`execute`. Any failure ends the worker: its peers then fail fast instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import torch
+
+from .runner import full_logits, generate
+
+
+def execute(model, cmd: tuple, choose=None, on_step=None):
+    """Run one command on this rank (all ranks call this with the same ``cmd``)."""
+    kind = cmd[0]
+    if kind == "generate":
+        _, prompts, max_new = cmd
+        return generate(model, prompts, max_new, choose, on_step=on_step)
+    if kind == "logits":
+        return full_logits(model, cmd[1])
+    raise ValueError(f"unknown engine command {kind!r}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if the driver dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, device: str | None,
+                conn, comm_timeout: float, threads: int) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    parent = os.getppid()
+    try:
+        torch.set_num_threads(threads)
+        from tpserve.engine.llm import init_group
+        from tpserve.models import load_model
+
+        dev = init_group(rank, world, port, device, comm_timeout)
+        model = load_model(model_path, dtype=dtype, device=dev, progress=False)
+        conn.send(("ready", None))
+        while True:
+            if not conn.poll(1.0):
+                if os.getppid() != parent:
+                    os._exit(0)
+                continue
+            cmd = conn.recv()
+            if cmd[0] == "close":
+                break
+            execute(model, cmd)
+        conn.send(("closed", None))
+    except (EOFError, BrokenPipeError):
+        os._exit(0)
+    except BaseException as exc:
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except (OSError, BrokenPipeError):
+            pass
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
