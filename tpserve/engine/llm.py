@@ -102,6 +102,7 @@ class LLM:
         self._workers: list[mp.Process] = []
         self._conns: list = []
         self._closed = False
+        self._state: dict = {}  # rank 0's memory between commands (continuous-batching cache)
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         self.model_path = resolve_model_path(model)
@@ -252,13 +253,13 @@ class LLM:
             raise RuntimeError("this LLM has been closed; create a new one")
         if self.external:
             cmd = broadcast_object(cmd if self.rank == 0 else None, 0)
-            return execute(self.model, cmd, choose if self.rank == 0 else None, on_step)
+            return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
         for rank, (proc, conn) in enumerate(zip(self._workers, self._conns), start=1):
             if not proc.is_alive():
                 self._fail(cmd[0], None)
             conn.send(cmd)
         try:
-            return execute(self.model, cmd, choose, on_step)
+            return execute(self.model, cmd, choose, on_step, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
                 raise

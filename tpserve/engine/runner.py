@@ -93,3 +93,51 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, ch
         next_pos = next_pos + 1
         logits = model(tokens[:, None], step, cache, last_only=True, gather="rank0")
     return torch.stack(chosen, dim=1).cpu()
+
+
+class SlotCache:
+    """A KV cache of ``max_batch`` rows that sequences enter and leave independently
+    (continuous batching). Each rank keeps one; ``key_pos`` [rows, max_seq] holds the position
+    stored in each cache column (-1: empty), which is all the attention mask needs."""
+
+    def __init__(self, model: nn.Module, max_batch: int, max_seq: int) -> None:
+        self.kv = allocate_kv_cache(model, max_batch, max_seq)
+        device, _ = _device_dtype(model)
+        self.key_pos = torch.full((max_batch, max_seq), -1, dtype=torch.long, device=device)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+
+@torch.no_grad()
+def prefill_slot(model: nn.Module, slots: SlotCache, row: int, ids: list[int]) -> torch.Tensor | None:
+    """Run a new sequence's prompt into cache row ``row``; rank 0 gets its next-token logits [vocab]."""
+    device, dtype = _device_dtype(model)
+    n = len(ids)
+    if not 0 < n <= slots.max_seq:
+        raise ValueError(f"prompt of {n} tokens does not fit a cache row of {slots.max_seq}")
+    pos = torch.arange(n, device=device)[None]
+    slots.key_pos[row] = -1
+    slots.key_pos[row, :n] = pos[0]
+    step = model.make_step(pos, slots.key_pos[row:row + 1, :n], 0, dtype)
+    views = [(k[row:row + 1], v[row:row + 1]) for k, v in slots.kv]
+    logits = model(torch.tensor([ids], device=device), step, views, last_only=True, gather="rank0")
+    return None if logits is None else logits[0, -1].float().cpu()
+
+
+@torch.no_grad()
+def decode_slots(model: nn.Module, slots: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
+    """One decode step over cache rows 0..len(tokens)-1: row r feeds ``tokens[r]`` at position
+    ``positions[r]`` (-1: the row is idle and its output is ignored). Rank 0 gets logits [rows, vocab]."""
+    device, dtype = _device_dtype(model)
+    rows = len(tokens)
+    pos = torch.tensor(positions, device=device)
+    live = pos >= 0
+    if int(pos.max()) >= slots.max_seq:
+        raise ValueError(f"a sequence reached the cache length {slots.max_seq}")
+    pos = pos.clamp(min=0)
+    live_rows = torch.nonzero(live).flatten()
+    slots.key_pos[live_rows, pos[live_rows]] = pos[live_rows]
+    kv_len = int(pos.max()) + 1
+    step = model.make_step(pos[:, None], slots.key_pos[:rows, :kv_len], pos[:, None], dtype)
+    views = [(k[:rows], v[:rows]) for k, v in slots.kv]
+    logits = model(torch.tensor(tokens, device=device)[:, None], step, views, last_only=True, gather="rank0")
+    return None if logits is None else logits[:, -1].float().cpu()

@@ -14,12 +14,20 @@ import traceback
 
 import torch
 
-from .runner import full_logits, generate
+from .runner import SlotCache, decode_slots, full_logits, generate, prefill_slot
 
 
-def execute(model, cmd: tuple, choose=None, on_step=None):
-    """Run one command on this rank (all ranks call this with the same ``cmd``)."""
+def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = None):
+    """Run one command on this rank (all ranks call this with the same ``cmd``). ``state``
+    is this rank's memory between commands (the continuous-batching cache)."""
     kind = cmd[0]
+    if kind == "slots_init":
+        state["slots"] = SlotCache(model, cmd[1], cmd[2])
+        return None
+    if kind == "slots_prefill":
+        return prefill_slot(model, state["slots"], cmd[1], cmd[2])
+    if kind == "slots_decode":
+        return decode_slots(model, state["slots"], cmd[1], cmd[2])
     if kind == "generate":
         _, prompts, max_new = cmd
         return generate(model, prompts, max_new, choose, on_step=on_step)
@@ -51,6 +59,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         dev = init_group(rank, world, port, device, comm_timeout)
         model = load_model(model_path, dtype=dtype, device=dev, progress=False)
         conn.send(("ready", None))
+        state: dict = {}
         while True:
             if not conn.poll(1.0):
                 if os.getppid() != parent:
@@ -59,7 +68,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
             cmd = conn.recv()
             if cmd[0] == "close":
                 break
-            execute(model, cmd)
+            execute(model, cmd, state=state)
         conn.send(("closed", None))
     except (EOFError, BrokenPipeError):
         os._exit(0)
