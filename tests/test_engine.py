@@ -162,3 +162,28 @@ def test_ctrl_c_leaves_no_orphans():
     while not all(_gone(k) for k in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert workers and all(_gone(k) for k in workers)
+
+
+def test_torchrun_entry_point_matches_local_mode():
+    """Every rank runs the same command under torchrun; rank 0 prints, as in local mode."""
+    args = ["generate", "--tp", "2", "--max-tokens", "8", "The capital of Germany is"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tpserve", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    local = subprocess.run([sys.executable, "-m", "tpserve", *args], capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert run.stdout == local.stdout and "Berlin" in run.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "/no/such/dir", "hi"], "does not exist"),
+    (["generate", "--tp", "12", "hi"], "larger than the model's 9 attention heads"),
+    (["generate", "--max-tokens", "0", "hi"], "--max-tokens: must be >= 1"),
+    (["generate", "--temperature", "-1", "hi"], "--temperature: must be >= 0"),
+    (["generate", "--max-tokens", "4", "word " * 9000], "context is 8192"),
+])
+def test_cli_user_errors_are_one_line(argv, message):
+    run = subprocess.run([sys.executable, "-m", "tpserve", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) <= 3, run.stderr

@@ -7,6 +7,13 @@ import math
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus where to find help), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -36,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpserve", description="Tensor-parallel LLM inference")
+    parser = _Parser(prog="tpserve", description="Tensor-parallel LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete one prompt, streaming tokens to stdout")
@@ -56,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                                                   "(default: $TPSERVE_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="most requests decoded together")
 
     p = sub.add_parser("inspect", help="architecture, size and how the model shards at --tp")
     p.add_argument("path")
@@ -166,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "chat":
             _chat(args)
+        elif args.command == "serve":
+            from tpserve.server.openai_api import serve
+
+            serve(args)
         elif args.command == "inspect":
             _inspect(args)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ when counts do not divide (SmolLM2's 9 query / 3 KV heads runs at TP = 2, 3 and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,17 +80,34 @@ class Spec:
         )
 
 
-def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and cos/sin scale, computed by transformers' own rope functions so
-    Llama-3, linear and YaRN scaling match the reference exactly."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+LIGHT_ROPE_TYPES = ("default", "linear", "llama3")
 
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale.
+
+    default, linear and Llama-3 scaling are computed here (the parity tests hold them to
+    transformers); other kinds (YaRN, ...) use transformers' own rope functions.
+    """
     params = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
     kind = params.get("rope_type", params.get("type", "default"))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if kind == "default":
-        base = params["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)), 1.0
+    if kind in LIGHT_ROPE_TYPES:
+        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+        if kind == "linear":
+            inv = inv / params["factor"]
+        elif kind == "llama3":  # wavelengths beyond the original context are stretched, short ones kept
+            factor, old = params["factor"], params["original_max_position_embeddings"]
+            low, high = params["low_freq_factor"], params["high_freq_factor"]
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > old / low, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old / high) & (wavelen <= old / low)
+            inv = torch.where(medium, blended, scaled)
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     if kind in ("dynamic", "longrope") or kind not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type={kind!r} is not supported; supported: default, linear, llama3, yarn")
     with torch.device("cpu"):  # also when the model itself is being built on the meta device

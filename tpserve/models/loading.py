@@ -58,7 +58,7 @@ def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | 
     error, nbytes = None, 0
     try:
         nbytes = _load_local(model, path, threads, progress and rank == 0)
-    except (CheckpointError, ValueError, OSError) as exc:
+    except Exception as exc:  # any failure must reach the other ranks, or they wait in the collective below
         error = f"{type(exc).__name__}: {exc}"
     errors = all_gather_object(error, group)
     bad = [(r, e) for r, e in enumerate(errors) if e]
