@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tpserve selfcheck --tp 2
+	$(VENV)/bin/tpserve generate --tp 2 --chat "What is the capital of France?"
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) benchmarks/allreduce.py --tp 2 4
+	$(PY) benchmarks/load.py --tp 2
+	$(PY) benchmarks/generate.py --tp 1 2 3 4
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -69,7 +69,8 @@ def init_group(rank: int, world: int, port: int, device: str | None, comm_timeou
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """A transformers directory for ``model``: None is the embedded default model."""
+    """A transformers directory or tpserve checkpoint for ``model``: None is the embedded default
+    model, a training root (step subdirectories) its newest complete checkpoint."""
     if model is None:
         from tpserve.checkpoint.default_model import default_model_path
 
@@ -82,6 +83,12 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         from tpserve.checkpoint.default_model import converted_gguf_path
 
         return converted_gguf_path(path)
+    if path.is_dir():
+        from tpserve.checkpoint.sharded import resolve_checkpoint
+
+        found = resolve_checkpoint(path)  # a tpserve checkpoint, or the newest complete one under a training root
+        if found is not None:
+            return found
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: pass a transformers model directory")
     return path
@@ -151,7 +158,8 @@ class LLM:
                 self._kill_workers()
                 raise
         try:
-            self.model = load_model(self.model_path, dtype=self.dtype, device=dev, progress=self.rank == 0)
+            self.model = load_model(self.model_path, dtype=self.dtype, device=dev, progress=self.rank == 0,
+                                    decode_layout=dev.type == "cpu")
             self._wait_ready()
         except BaseException:
             self.close()
@@ -184,6 +192,15 @@ class LLM:
         if self.external:
             out = broadcast_object(out if self.rank == 0 else None, 0)
         return out
+
+    def save_sharded(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the model as a tpserve checkpoint (docs/checkpoint-format.md): every rank writes
+        its own file; load it later at any TP degree with ``LLM(model=path, ...)``."""
+        if not self.external:  # refuse a bad target here: a failed save would end the workers
+            from tpserve.checkpoint.sharded import check_save_target
+
+            check_save_target(path, overwrite)
+        return self._run(("save", str(path), overwrite))
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

@@ -33,6 +33,10 @@ def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = N
         return generate(model, prompts, max_new, choose, on_step=on_step)
     if kind == "logits":
         return full_logits(model, cmd[1])
+    if kind == "save":  # ("save", path[, overwrite]): every rank writes its own file
+        from tpserve.checkpoint.sharded import save_checkpoint
+
+        return save_checkpoint(model, cmd[1], overwrite=bool(cmd[2]) if len(cmd) > 2 else False)
     raise ValueError(f"unknown engine command {kind!r}")
 
 
@@ -57,7 +61,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         from tpserve.models import load_model
 
         dev = init_group(rank, world, port, device, comm_timeout)
-        model = load_model(model_path, dtype=dtype, device=dev, progress=False)
+        model = load_model(model_path, dtype=dtype, device=dev, progress=False, decode_layout=dev.type == "cpu")
         conn.send(("ready", None))
         state: dict = {}
         while True:

@@ -53,6 +53,10 @@ def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | 
     All ranks agree on failure: if any rank hits an error, every rank raises it, so none is
     left waiting in a collective. Returns the bytes this rank read.
     """
+    from tpserve.checkpoint.sharded import is_checkpoint, load_sharded_weights
+
+    if is_checkpoint(path):  # a tpserve sharded checkpoint: the rank's own file, or a reshard
+        return load_sharded_weights(model, path, group, threads, progress)
     group = get_group(group)
     rank = dist.get_rank(group)
     error, nbytes = None, 0
@@ -113,13 +117,35 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
     return read[0]
 
 
+def use_decode_layout(model: nn.Module) -> None:
+    """Store every linear weight transposed ([in, out] in memory, still [out, in] to PyTorch).
+
+    Batch-1 decode on CPU is a matrix-vector product per weight; with this storage it streams
+    the weight in the order the vector kernel reads it, which measured ~1.9x faster on these
+    machines (12 -> 23 GB/s for the 113 MB LM head). Prefill-sized matmuls are unaffected.
+    Call before loading: the loaders write into whatever layout the parameters have.
+    """
+    from tpserve.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+
+    # a tied LM head is the embedding's weight: transpose that one (lookups barely notice)
+    kinds = (ColumnParallelLinear, RowParallelLinear,
+             VocabParallelEmbedding if model.spec.tie_word_embeddings else ParallelLMHead)
+    for mod in model.modules():
+        if isinstance(mod, kinds):
+            w = mod.weight
+            mod.weight = nn.Parameter(torch.empty(w.shape[::-1], dtype=w.dtype, device=w.device).t(),
+                                      requires_grad=w.requires_grad)
+    model.tie_weights()
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None,
-               group: dist.ProcessGroup | None = None, progress: bool = True) -> nn.Module:
+               group: dist.ProcessGroup | None = None, progress: bool = True, decode_layout: bool = False) -> nn.Module:
     """This rank's shard of the model at ``path``, ready for inference.
 
     Call inside an initialised process group (torchrun + ``tpserve.parallel.init_distributed()``);
     every rank of the group must call it. The model is built on the meta device, so no rank ever
-    allocates more than its own shard.
+    allocates more than its own shard. ``decode_layout`` stores weights for fast CPU decode
+    (see :func:`use_decode_layout`); the engine turns it on for CPU.
     """
     group = get_group(group)
     path = Path(path)
@@ -131,6 +157,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
         model = cls(config, group=group, dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
+    if decode_layout:
+        use_decode_layout(model)
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
     model.eval().requires_grad_(False)
