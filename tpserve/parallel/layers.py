@@ -80,6 +80,19 @@ class _TPModule(nn.Module):
         saving and resharding all ask it."""
         raise NotImplementedError
 
+    @classmethod
+    def from_dense(cls, module: nn.Module, **kwargs):
+        """This rank's shard of a full ``nn.Linear`` / ``nn.Embedding`` that every rank holds."""
+        kwargs.setdefault("device", module.weight.device)
+        kwargs.setdefault("dtype", module.weight.dtype)
+        kwargs.setdefault("init", False)
+        layer = cls(*cls._dense_args(module), **kwargs)
+        for name in ("weight", "bias"):
+            full = getattr(module, name, None)
+            if full is not None:
+                layer.weight_loader(getattr(layer, name), full.detach())
+        return layer
+
     def weight_loader(self, param: nn.Parameter, full) -> None:
         dim, start, end, full_size = self.shard_of(param)
         kind = "bias" if param is getattr(self, "bias", None) else "weight"
@@ -124,17 +137,9 @@ class ColumnParallelLinear(_TPModule):
             y = gather_from_tp_region(y, self.out_sizes, -1, self.group)
         return y
 
-    @classmethod
-    def from_dense(cls, module: nn.Linear, **kwargs) -> "ColumnParallelLinear":
-        """This rank's shard of a full ``nn.Linear`` that every rank holds."""
-        kwargs.setdefault("device", module.weight.device)
-        kwargs.setdefault("dtype", module.weight.dtype)
-        kwargs.setdefault("init", False)
-        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
-        layer.weight_loader(layer.weight, module.weight.detach())
-        if module.bias is not None:
-            layer.weight_loader(layer.bias, module.bias.detach())
-        return layer
+    @staticmethod
+    def _dense_args(module: nn.Linear) -> tuple:
+        return module.in_features, module.out_features, module.bias is not None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
@@ -182,16 +187,7 @@ class RowParallelLinear(_TPModule):
                 comm.all_reduce_sum(y, self.group)
         return y + self.bias if self.bias is not None else y
 
-    @classmethod
-    def from_dense(cls, module: nn.Linear, **kwargs) -> "RowParallelLinear":
-        kwargs.setdefault("device", module.weight.device)
-        kwargs.setdefault("dtype", module.weight.dtype)
-        kwargs.setdefault("init", False)
-        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, **kwargs)
-        layer.weight_loader(layer.weight, module.weight.detach())
-        if module.bias is not None:
-            layer.weight_loader(layer.bias, module.bias.detach())
-        return layer
+    _dense_args = ColumnParallelLinear._dense_args
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (rank {self.tp_rank}: cols {self.in_start}:{self.in_end}), "
@@ -232,14 +228,9 @@ class VocabParallelEmbedding(_TPModule):
             return reduce_from_tp_region(out, self.group)
         return comm.all_reduce_sum(out, self.group)
 
-    @classmethod
-    def from_dense(cls, module: nn.Embedding, **kwargs) -> "VocabParallelEmbedding":
-        kwargs.setdefault("device", module.weight.device)
-        kwargs.setdefault("dtype", module.weight.dtype)
-        kwargs.setdefault("init", False)
-        layer = cls(module.num_embeddings, module.embedding_dim, **kwargs)
-        layer.weight_loader(layer.weight, module.weight.detach())
-        return layer
+    @staticmethod
+    def _dense_args(module: nn.Embedding) -> tuple:
+        return module.num_embeddings, module.embedding_dim
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim} "
@@ -280,17 +271,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             return comm.gather_to_rank0(logits, self.vocab_sizes, self.group)
         return gather_from_tp_region(logits, self.vocab_sizes, -1, self.group)
 
-    @classmethod
-    def from_dense(cls, module: nn.Linear | nn.Embedding, **kwargs) -> "ParallelLMHead":
+    @staticmethod
+    def _dense_args(module: nn.Linear | nn.Embedding) -> tuple:
         """From an ``nn.Linear(dim, vocab)`` head, or the ``nn.Embedding`` it is tied to."""
-        kwargs.setdefault("device", module.weight.device)
-        kwargs.setdefault("dtype", module.weight.dtype)
-        kwargs.setdefault("init", False)
         vocab, dim = module.weight.shape
-        bias = getattr(module, "bias", None)
-        layer = cls(dim, vocab, bias=bias is not None, **kwargs)
-        layer.weight_loader(layer.weight, module.weight.detach())
-        if bias is not None:
-            layer.weight_loader(layer.bias, bias.detach())
-        return layer
-
+        return dim, vocab, getattr(module, "bias", None) is not None

@@ -14,50 +14,35 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item() / (want.abs().max().item() or 1.0)
 
 
+def _compare(dense: nn.Module, layer: nn.Module, x: torch.Tensor, loss, grad_of) -> tuple[float, float]:
+    """Forward error, and the error of the gradient ``grad_of`` picks (input's or weight's)."""
+    xd = x.clone().requires_grad_(x.is_floating_point())
+    xp = x.clone().requires_grad_(x.is_floating_point())
+    yd, yp = dense(xd), layer(xp)
+    loss(yd).backward()
+    loss(yp).backward()
+    return _err(yp, yd), _err(*grad_of(xp, xd))
+
+
 def _rank_main(seed: int) -> None:
     torch.manual_seed(seed)
     d, h, vocab = 24, 38, 53  # awkward sizes: uneven at TP=3 and 4
+    input_grads = lambda xp, xd: (xp.grad, xd.grad)  # noqa: E731
     rows = []
-
     dense = nn.Linear(d, h)
-    x = torch.randn(4, d, requires_grad=True)
-    y = dense(x)
-    y.sum().backward()
-    layer = ColumnParallelLinear.from_dense(dense, gather_output=True)
-    x2 = x.detach().clone().requires_grad_()
-    y2 = layer(x2)
-    y2.sum().backward()
-    rows.append(("ColumnParallelLinear", _err(y2, y), _err(x2.grad, x.grad)))
-
+    rows.append(("ColumnParallelLinear", *_compare(dense, ColumnParallelLinear.from_dense(dense, gather_output=True),
+                                                   torch.randn(4, d), torch.sum, input_grads)))
     dense = nn.Linear(h, d)
-    x = torch.randn(4, h, requires_grad=True)
-    y = dense(x)
-    y.sum().backward()
-    layer = RowParallelLinear.from_dense(dense, input_is_parallel=False)
-    x2 = x.detach().clone().requires_grad_()
-    y2 = layer(x2)
-    y2.sum().backward()
-    rows.append(("RowParallelLinear", _err(y2, y), _err(x2.grad, x.grad)))
-
+    rows.append(("RowParallelLinear", *_compare(dense, RowParallelLinear.from_dense(dense, input_is_parallel=False),
+                                                torch.randn(4, h), torch.sum, input_grads)))
     dense = nn.Embedding(vocab, d)
-    ids = torch.randint(0, vocab, (3, 11))
-    y = dense(ids)
-    y.pow(2).sum().backward()
-    layer = VocabParallelEmbedding.from_dense(dense)
-    y2 = layer(ids)
-    y2.pow(2).sum().backward()
-    s, e = layer.vocab_start, layer.vocab_end
-    rows.append(("VocabParallelEmbedding", _err(y2, y), _err(layer.weight.grad, dense.weight.grad[s:e])))
-
+    emb = VocabParallelEmbedding.from_dense(dense)
+    rows.append(("VocabParallelEmbedding", *_compare(
+        dense, emb, torch.randint(0, vocab, (3, 11)), lambda y: y.pow(2).sum(),
+        lambda xp, xd: (emb.weight.grad, dense.weight.grad[emb.vocab_start:emb.vocab_end]))))
     dense = nn.Linear(d, vocab, bias=False)
-    x = torch.randn(4, d, requires_grad=True)
-    y = dense(x)
-    F.log_softmax(y, -1).sum().backward()
-    layer = ParallelLMHead.from_dense(dense)
-    x2 = x.detach().clone().requires_grad_()
-    y2 = layer(x2)
-    F.log_softmax(y2, -1).sum().backward()
-    rows.append(("ParallelLMHead", _err(y2, y), _err(x2.grad, x.grad)))
+    rows.append(("ParallelLMHead", *_compare(dense, ParallelLMHead.from_dense(dense), torch.randn(4, d),
+                                             lambda y: F.log_softmax(y, -1).sum(), input_grads)))
 
     worst = torch.tensor([max(r[1], r[2]) for r in rows])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
