@@ -187,3 +187,13 @@ def test_cli_user_errors_are_one_line(argv, message):
     assert run.returncode != 0
     assert message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert len(run.stderr.strip().splitlines()) <= 3, run.stderr
+
+
+def test_interactive_chat_keeps_the_conversation():
+    run = subprocess.run([sys.executable, "-m", "tpserve", "chat", "--tp", "2", "--max-tokens", "24"],
+                         input="What is the capital of France?\nAnd what river runs through it?\n",
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    turns = run.stdout.split("model> ")[1:]
+    assert len(turns) == 2 and "Paris" in turns[0]
+    assert "Seine" in turns[1]  # the second answer needs the first turn's context
