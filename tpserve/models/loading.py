@@ -117,6 +117,23 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
     return read[0]
 
 
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter real, uninitialised memory on ``device`` (tied ones stay tied).
+
+    Not ``Module.to_empty``: on meta tensors that goes through torch's reference ops and imports
+    sympy, about a second per rank, longer than reading a small model's shard.
+    """
+    done: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                               requires_grad=p.requires_grad)
+                mod._parameters[name] = done[id(p)]
+    model.tie_weights()
+
+
 def use_decode_layout(model: nn.Module) -> None:
     """Store every linear weight transposed ([in, out] in memory, still [out, in] to PyTorch).
 
@@ -155,8 +172,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     cls = model_class(config)
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
+    _materialize(model, device)
     if decode_layout:
         use_decode_layout(model)
     model.init_buffers(device)
