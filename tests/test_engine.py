@@ -197,3 +197,21 @@ def test_interactive_chat_keeps_the_conversation():
     turns = run.stdout.split("model> ")[1:]
     assert len(turns) == 2 and "Paris" in turns[0]
     assert "Seine" in turns[1]  # the second answer needs the first turn's context
+
+
+def test_serving_engine_notices_a_worker_dying_while_idle():
+    from tpserve.engine.serving import ServingEngine
+
+    fatal = []
+    engine = ServingEngine(tensor_parallel_size=2, max_batch=2, max_model_len=256, on_fatal=fatal.append)
+    try:
+        assert engine.healthy
+        os.kill(engine.llm._workers[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while engine.healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not engine.healthy and "rank 1" in engine.error and fatal
+        with pytest.raises(RuntimeError, match="not running"):
+            engine.submit([1, 2, 3], SamplingParams(max_tokens=2), lambda ev: None)
+    finally:
+        engine.close()

@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                    "(default: $TPSERVE_API_KEY, else no key)")
     p.add_argument("--max-batch", type=_positive_int, default=16, help="most requests decoded together")
+    p.add_argument("--max-model-len", type=_positive_int, default=2048,
+                   help="longest prompt + completion served (each batch row's KV cache is this long; "
+                        "capped at the model's context)")
+
+    p = sub.add_parser("convert", help="write a model as a tpserve sharded checkpoint for --tp ranks")
+    p.add_argument("src", help="transformers directory, .gguf file or tpserve checkpoint")
+    p.add_argument("--tp", type=_positive_int, required=True, help="TP degree the checkpoint is cut for")
+    p.add_argument("--output", "-o", required=True, help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tpserve checkpoint there")
+
+    p = sub.add_parser("verify", help="check a tpserve checkpoint's files against its manifest")
+    p.add_argument("path")
 
     p = sub.add_parser("inspect", help="architecture, size and how the model shards at --tp")
     p.add_argument("path")
@@ -187,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             serve(args)
         elif args.command == "inspect":
             _inspect(args)
+        elif args.command == "convert":
+            from tpserve.checkpoint.sharded import convert_command
+
+            convert_command(args.src, args.output, args.tp, args.overwrite)
+        elif args.command == "verify":
+            from tpserve.checkpoint.sharded import verify_command
+
+            verify_command(args.path)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -84,14 +84,14 @@ class ServingEngine:
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> int:
         """Queue a request; ValueError at once if it can never run."""
-        if not self.healthy:
-            raise RuntimeError(f"the engine is not running: {self.error or 'closed'}")
         ids = self.llm._check_ids(list(prompt_token_ids), 0)
         if len(ids) + params.max_tokens > self.context:
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens; lower max_tokens or shorten the prompt")
         seq = _Seq(next(self._ids), ids, _Request(self.llm, params, params.max_tokens), on_event)
-        with self._wake:
+        with self._wake:  # checked under the lock the failure path takes, so no request is lost
+            if not self.healthy:
+                raise RuntimeError(f"the engine is not running: {self.error or 'closed'}")
             self._waiting.append(seq)
             self._wake.notify()
         return seq.rid
@@ -121,12 +121,16 @@ class ServingEngine:
                     with self._wake:
                         if not self._waiting and not self._stop:
                             self._wake.wait(timeout=0.5)
+                    if any(not p.is_alive() for p in self.llm._workers):  # died while idle
+                        self.llm._fail("waiting for requests", None)
         except BaseException as exc:  # a worker died, or a bug: fail everything, loudly
-            self.error = f"{type(exc).__name__}: {exc}"
-            for seq in [s for s in self._rows if s is not None] + list(self._waiting):
+            with self._wake:
+                self.error = f"{type(exc).__name__}: {exc}"
+                pending = [s for s in self._rows if s is not None] + list(self._waiting)
+                self._rows = [None] * self.max_batch
+                self._waiting.clear()
+            for seq in pending:
                 self._emit(seq, finish="error")
-            self._rows = [None] * self.max_batch
-            self._waiting.clear()
             if self.on_fatal is not None:
                 self.on_fatal(self.error)
 
