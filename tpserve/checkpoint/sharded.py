@@ -58,6 +58,7 @@ from .manifest import (
     read_manifest,
 )
 from .safetensors_io import CheckpointError, _bytes_view, open_checkpoint, read_header
+from tpserve.utils.fs import fsync_path, pid_alive
 
 try:  # ISA-L's CRC32 is zlib's function (same polynomial, same values) at ~20 instead of ~4 GB/s
     from isal.isal_zlib import crc32
@@ -112,14 +113,6 @@ _CRC = _Scratch()  # strided checksum chunks
 
 def _narrow(t: torch.Tensor, axis: int | None, span: tuple[int, int]) -> torch.Tensor:
     return t if axis is None else t.narrow(axis, span[0], span[1] - span[0])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -246,16 +239,6 @@ def _tmp_prefix(final: Path) -> str:
     return f".{final.name}.tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_tmp(final: Path) -> None:
     """Delete temporary directories of earlier saves to ``final`` whose process died (this host only:
     a pid means nothing on another machine sharing the directory)."""
@@ -263,7 +246,7 @@ def _remove_stale_tmp(final: Path) -> None:
     for d in final.parent.glob(_tmp_prefix(final) + "*"):
         try:
             d_host, pid, _ = d.name[len(_tmp_prefix(final)):].rsplit("-", 2)
-            if d_host == host and not _pid_alive(int(pid)):
+            if d_host == host and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
         except ValueError:
             continue
@@ -310,7 +293,7 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
             os.rename(tmp, final)
             tmp = old
         shutil.rmtree(tmp, ignore_errors=True)  # the replaced checkpoint
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
@@ -321,13 +304,13 @@ def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
             for f in sorted(Path(src).glob(pattern)):
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
-                    _fsync(tmp / f.name)
+                    fsync_path(tmp / f.name)
     cfg = tmp / "config.json"
     if not cfg.is_file():
         if config is None:
             raise CheckpointError(f"{src}: no config.json to save with the checkpoint")
         config.to_json_file(cfg)
-        _fsync(cfg)
+        fsync_path(cfg)
     return json.loads(cfg.read_text())
 
 
@@ -346,8 +329,8 @@ def _finish(tmp: Path, final: Path, aux_src: Path | None, config, layouts: list[
     text = dump_manifest(build_manifest(cfg, len(records), layouts, records, created, __version__))
     mpath = tmp / MANIFEST_NAME
     mpath.write_text(text)
-    _fsync(mpath)
-    _fsync(tmp)
+    fsync_path(mpath)
+    fsync_path(tmp)
     _publish(tmp, final, overwrite)
 
 
