@@ -1,8 +1,8 @@
 """Sharded checkpoints: save and load speed at TP=2 and a TP 4->2 reshard, beside transformers'
-save_pretrained/from_pretrained and torch.distributed.checkpoint (DCP), on one random ~630 MB
+save_pretrained/from_pretrained and torch.distributed.checkpoint (DCP), on one random ~620 MB
 fp32 Llama, on this machine, in one run.
 
-    .venv/bin/python benchmarks/checkpoint.py [--dir /tmp/tpserve-ckpt-bench] [--reps 3]
+    .venv/bin/python benchmarks/checkpoint.py [--dir /tmp/tpserve-bench] [--reps 3]
 
 Every timed operation runs in freshly spawned processes (gloo groups for TP=2), after a barrier;
 an operation's time is its slowest rank's, from the barrier to the call's return. Files are read
@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,45 +43,12 @@ import torch.distributed as dist
 
 from tpserve.parallel.launch import launch_local
 
-MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
-             tie_word_embeddings=False)
+from _common import make_checkpoint
+
 STEP = 64 << 20
 
 
 # ------------------------------------------------------------------------------- the model
-
-
-def make_source(root: Path) -> Path:
-    """A random fp32 Llama saved as a transformers directory under ``root`` (made once)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    final = root / "llama-630m-fp32"
-    if (final / "model.safetensors").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".making-", dir=root))
-    print(f"making the random source model in {final} (once)", flush=True)
-    try:
-        LlamaConfig(architectures=["LlamaForCausalLM"], dtype="float32", **MODEL).save_pretrained(tmp)
-        gen = torch.Generator().manual_seed(0)
-        h, inter, vocab = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["vocab_size"]
-        kv = h // MODEL["num_attention_heads"] * MODEL["num_key_value_heads"]
-        shapes = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h), "model.norm.weight": (h,)}
-        for i in range(MODEL["num_hidden_layers"]):
-            p = f"model.layers.{i}."
-            shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                           p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                           p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                           p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-                           p + "post_attention_layernorm.weight": (h,)})
-        tensors = {n: (torch.randn(s, generator=gen) * 0.02 if len(s) == 2 else torch.ones(s)) for n, s in shapes.items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def model_bytes(src: Path) -> int:
@@ -269,7 +235,7 @@ def run(fn, nprocs: int, outdir: Path, key: str, *args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/tpserve-ckpt-bench"))
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/tpserve-bench"))
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -277,7 +243,7 @@ def main() -> None:
     from tpserve.checkpoint.sharded import CRC32_IMPL, convert, verify
 
     started = time.perf_counter()
-    src = make_source(args.dir)
+    src = make_checkpoint(args.dir)
     nbytes = model_bytes(src)
     work = args.dir / "work"
     shutil.rmtree(work, ignore_errors=True)

@@ -42,84 +42,18 @@ import torch.distributed as dist
 
 from tpserve.parallel.launch import launch_local
 
+from _common import make_checkpoint
+
 MB = 1e6
 CHUNK = 64 * 1024 * 1024
 PROMPT = [1, 306, 4658, 278, 6593, 310, 2834, 338]  # any in-vocabulary ids
 MEMORY_SLACK = 300 * MB
 SPEED_TARGET = 3.0
 
-# ~619 MB of fp32 weights; 16 query / 4 KV heads split evenly at TP = 2 and 4.
-MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-             rms_norm_eps=1e-5, tie_word_embeddings=False)
 WARM_MODULES = ("transformers.models.llama.configuration_llama", "transformers.models.llama.modeling_llama")
-LAYERS_PER_FILE = 2  # sharded like a hub checkpoint, so the generator holds <= ~130 MB at a time
 
 
 # --------------------------------------------------------------------------- checkpoint
-
-
-def _layer_tensors(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One decoder layer's weights under transformers' names, randn * 0.02 (norms: ones)."""
-    h, inter = MODEL["hidden_size"], MODEL["intermediate_size"]
-    kv = MODEL["num_key_value_heads"] * h // MODEL["num_attention_heads"]
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-              "mlp.down_proj": (h, inter)}
-    out = {f"model.layers.{i}.{name}.weight": torch.randn(shape, generator=gen).mul_(0.02) for name, shape in shapes.items()}
-    out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h)
-    out[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h)
-    return out
-
-
-def _file_groups() -> list[list[str | int]]:
-    """What goes in each safetensors file: "embed", groups of layer numbers, "head"."""
-    n = MODEL["num_hidden_layers"]
-    return [["embed"]] + [list(range(i, min(i + LAYERS_PER_FILE, n))) for i in range(0, n, LAYERS_PER_FILE)] + [["head"]]
-
-
-def make_checkpoint(root: Path) -> Path:
-    """The cached random checkpoint under ``root``, created if missing.
-
-    Written into a temporary directory and renamed into place, so an interrupted run leaves no
-    half-written checkpoint behind that a later run would trust.
-    """
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    final = root / "llama-600m-fp32-v1"
-    if (final / "model.safetensors.index.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
-    print(f"creating the benchmark checkpoint in {final} (once) ...", flush=True)
-    try:
-        LlamaConfig(architectures=["LlamaForCausalLM"], dtype="float32", **MODEL).save_pretrained(tmp)
-        gen = torch.Generator().manual_seed(0)
-        h, vocab = MODEL["hidden_size"], MODEL["vocab_size"]
-        groups = _file_groups()
-        weight_map, total = {}, 0
-        for k, group in enumerate(groups, 1):
-            tensors: dict[str, torch.Tensor] = {}
-            for part in group:
-                if part == "embed":
-                    tensors["model.embed_tokens.weight"] = torch.randn(vocab, h, generator=gen).mul_(0.02)
-                elif part == "head":
-                    tensors["model.norm.weight"] = torch.ones(h)
-                    tensors["lm_head.weight"] = torch.randn(vocab, h, generator=gen).mul_(0.02)
-                else:
-                    tensors.update(_layer_tensors(part, gen))
-            fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-            save_file(tensors, tmp / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, fname))
-            total += sum(t.nbytes for t in tensors.values())
-            del tensors
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def checkpoint_files(path: Path) -> list[Path]:
