@@ -413,19 +413,25 @@ class Piece:
     chunks: tuple[int, int]
 
 
+def _record(manifest: Manifest, name: str, full_shape) -> TensorRecord:
+    """The manifest's record of ``name``, checked against the shape config.json implies."""
+    t = manifest.tensors.get(name)
+    if t is None:
+        raise CheckpointError(f"{manifest.manifest_path}: tensor {name} is missing from the checkpoint (the model "
+                              f"config.json describes has it)")
+    if tuple(t.shape) != tuple(full_shape):
+        raise CheckpointError(f"{manifest.manifest_path}: tensor {name}: checkpoint shape {list(t.shape)}, the model "
+                              f"expects {list(full_shape)} (does config.json match the weights?)")
+    return t
+
+
 def plan_reads(manifest: Manifest, name: str, want, rank: int) -> list[Piece]:
     """Which bytes of which old rank files fill ``want`` (a layout ``Shard``) on ``rank``.
 
     A rank's own file is used when it holds the whole slice (always, at the saved degree);
     otherwise the owned regions that overlap the slice, which tile it exactly.
     """
-    t = manifest.tensors.get(name)
-    if t is None:
-        raise CheckpointError(f"{manifest.manifest_path}: tensor {name} is missing from the checkpoint (the model "
-                              f"config.json describes has it)")
-    if tuple(t.shape) != tuple(want.full_shape):
-        raise CheckpointError(f"{manifest.manifest_path}: tensor {name}: checkpoint shape {list(t.shape)}, the model "
-                              f"expects {list(want.full_shape)} (does config.json match the weights?)")
+    t = _record(manifest, name, want.full_shape)
     candidates = [s for s in (t.shard_of(rank), t.shard_of(rank % manifest.tp)) if s is not None]
     if t.split_dim is None:  # whole on every rank: read one copy
         holder = (candidates or [s for s in t.shards if s.owned[0] < s.owned[1]])[0]
@@ -730,13 +736,7 @@ def _check_against_config(manifest: Manifest) -> None:
         return
     expected = layout(load_config(manifest.path), 1)[0]
     for name, s in expected.items():
-        t = manifest.tensors.get(name)
-        if t is None:
-            raise CheckpointError(f"{manifest.manifest_path}: tensor {name} is missing (the model config.json "
-                                  f"describes has it)")
-        if tuple(t.shape) != tuple(s.full_shape):
-            raise CheckpointError(f"{manifest.manifest_path}: tensor {name}: shape {list(t.shape)}, config.json implies "
-                                  f"{list(s.full_shape)}")
+        _record(manifest, name, s.full_shape)
     extra = sorted(set(manifest.tensors) - set(expected))
     if extra:
         raise CheckpointError(f"{manifest.manifest_path}: tensor {extra[0]} is not part of the model config.json "

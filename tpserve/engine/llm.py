@@ -13,7 +13,6 @@ the same way, through torchrun's rendezvous.
 from __future__ import annotations
 
 import atexit
-import datetime
 import multiprocessing as mp
 import os
 import time
