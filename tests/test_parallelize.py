@@ -9,7 +9,6 @@ from torch import nn
 from test_layers import assert_close
 from tpserve.parallel import (
     ColumnParallelLinear,
-    ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
     infer_plan,
