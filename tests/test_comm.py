@@ -150,3 +150,27 @@ def test_collective_with_gone_peer_raises_quickly(fn, word):
     assert float(elapsed) < 10, msg
     assert "on rank 0" in msg and word in msg, msg
     assert time.monotonic() - t0 < 60
+
+
+def _slow_peer_inside_patience(delay: float) -> str:
+    from tpserve.parallel.comm import patience, set_default_timeout
+
+    set_default_timeout(1.0)
+    if dist.get_rank() == 1:
+        time.sleep(delay)  # e.g. still compiling its decode step
+    with patience(delay + 10):
+        total = all_reduce_sum(torch.ones(2))
+    if dist.get_rank() == 1:
+        time.sleep(delay)
+    try:  # patience is over: the 1 s default applies again
+        all_reduce_sum(torch.ones(2))
+    except CommError:
+        return f"{total.tolist()}|timed out after"
+    return f"{total.tolist()}|no error"
+
+
+def test_patience_raises_the_deadline_for_a_while():
+    out = spawn_once(_slow_peer_inside_patience, 2, 3.0, timeout=60)
+    status, value = out[0]
+    assert status == "ok", value
+    assert value == "[2.0, 2.0]|timed out after"

@@ -169,3 +169,25 @@ def test_uneven_splits(tp_run, tp):
 @pytest.mark.parametrize("tp", TP)
 def test_column_then_row(tp_run, tp):
     tp_run(tp, check_column_row_pair)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_linear_under_compile_matches_f_linear(rows):
+    """Compiled decode writes few-row products as multiply-and-sum (``layers.linear``)."""
+    import torch.nn.functional as F
+
+    from tpserve.parallel.layers import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 1, 48), torch.randn(80, 48), torch.randn(80)
+    graphs = []
+
+    def inspect(gm, example_inputs):  # a torch.compile backend that records what dynamo traced
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch.testing.assert_close(torch.compile(linear, dynamic=False)(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.compile(linear, dynamic=False)(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    torch.compile(linear, backend=inspect, dynamic=False)(x, w, b)
+    assert ("linear" not in graphs[-1]) == (rows <= 4), graphs[-1]

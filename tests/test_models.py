@@ -66,12 +66,14 @@ def checkpoints(tmp_path_factory):
     return {k: (str(root / k), _save_reference(k, root / k)) for k in KINDS}
 
 
-def check_parity(path: str, ref: dict) -> dict:
+def check_parity(path: str, ref: dict, compiled: bool = False) -> dict:
     from tpserve.engine.runner import full_logits, generate
     from tpserve.models import load_model
 
     model = load_model(path, dtype="float32", device="cpu", progress=False)
-    logits = full_logits(model, PROMPTS)
+    logits = None if compiled else full_logits(model, PROMPTS)
+    if compiled:
+        model.compile_decode()
 
     def greedy(lg, i):
         return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)
@@ -93,6 +95,14 @@ def test_parity_with_transformers(tp_run, checkpoints, kind, tp):
     for r in results:  # every rank ends with the tokens rank 0 chose
         assert r["tokens"] == results[0]["tokens"]
     assert results[0]["tokens"] == ref["greedy"], f"{kind} TP={tp}: greedy tokens differ from transformers"
+
+
+@pytest.mark.parametrize("kind,tp", [(k, 2) for k in KINDS] + [("llama_9_3_tied", 4)])
+def test_compiled_decode_matches_transformers(tp_run, checkpoints, kind, tp):
+    """compile_decode: every architecture's decode step through torch.compile, same greedy tokens."""
+    path, ref = checkpoints[kind]
+    results = tp_run(tp, check_parity, path, ref, True)
+    assert all(r["tokens"] == ref["greedy"] for r in results), f"{kind} TP={tp}: compiled greedy tokens differ"
 
 
 # ---- bad checkpoints: each error names file and tensor, on every rank, before any forward ----

@@ -254,6 +254,22 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
 
 
+def _layer_step(layer: DecoderLayer, x: torch.Tensor, step: Step, cache) -> torch.Tensor:
+    return layer(x, step, cache)
+
+
+def _head_step(model: "LlamaForCausalLM", x: torch.Tensor, gather: bool | str) -> torch.Tensor | None:
+    return model.lm_head(model.model.norm(x), gather_output=gather)
+
+
+def _check_cpp_compiler(device: torch.device) -> None:
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise RuntimeError("compile=True on CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                           "install g++, or run without --compile / compile=True")
+
+
 class LlamaForCausalLM(nn.Module):
     """TP-aware causal LM; ``forward`` returns logits (see ``gather``)."""
 
@@ -267,6 +283,29 @@ class LlamaForCausalLM(nn.Module):
                                       init=False)
         self.tie_weights()
         self.inv_freq, self.rope_scale = rope_inv_freq(config)
+        self._decode_layer = self._decode_head = None
+
+    def compile_decode(self) -> None:
+        """Compile the one-token step with ``torch.compile``, as gpt-fast does: elementwise ops
+        fuse, and matrix-vector products become bandwidth-bound reductions (``layers.linear``).
+
+        Every decoder layer runs the same compiled function (regional compilation), so it
+        compiles once, in seconds, instead of once per layer. Shapes are static: each new batch
+        size or cache length compiles again, which is why ``runner.generate`` rounds the cache
+        length up. Prefill stays eager. Compiling happens on the first compiled call.
+        """
+        import torch._dynamo
+
+        _check_cpp_compiler(self.model.norm.weight.device)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)  # batch sizes x cache buckets
+        self.compiled_shapes: set = set()  # callers note which (batch, cache length) have compiled
+        self._decode_layer = torch.compile(_layer_step, dynamic=False)
+        self._decode_head = torch.compile(_head_step, dynamic=False)
+
+    @property
+    def decode_compiled(self) -> bool:
+        return self._decode_layer is not None
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:
@@ -297,14 +336,20 @@ class LlamaForCausalLM(nn.Module):
         return Step(positions, slots, key_positions.shape[1], mask[:, None], cos, sin)
 
     def forward(self, input_ids: torch.Tensor, step: Step, kv_cache: list | None = None,
-                last_only: bool = False, gather: bool | str = True) -> torch.Tensor | None:
+                last_only: bool = False, gather: bool | str = True, compiled: bool = False) -> torch.Tensor | None:
         """Logits for ``input_ids`` [B, T]: all positions, or the last one with ``last_only``.
         ``gather``: True for full-vocabulary logits on every rank, "rank0" for rank 0 only
-        (others get None), False for this rank's vocabulary slice."""
+        (others get None), False for this rank's vocabulary slice. ``compiled`` runs the layers
+        and head through :meth:`compile_decode`'s functions (the caller keeps shapes static)."""
+        if compiled and self._decode_layer is None:
+            raise RuntimeError("forward(compiled=True) needs compile_decode() first")
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, step, kv_cache[i] if kv_cache is not None else None)
+            cache = kv_cache[i] if kv_cache is not None else None
+            x = self._decode_layer(layer, x, step, cache) if compiled else layer(x, step, cache)
         if last_only:
             x = x[:, -1:]
+        if compiled:
+            return self._decode_head(self, x, gather)
         return self.lm_head(self.model.norm(x), gather_output=gather)
 

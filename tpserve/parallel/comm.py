@@ -7,6 +7,7 @@ and for whom, instead of hanging forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import pickle
 import time
@@ -24,6 +25,18 @@ class CommError(RuntimeError):
 def set_default_timeout(seconds: float) -> None:
     """Deadline for every later collective that is not given its own."""
     _config.DEFAULT_TIMEOUT_S = float(seconds)
+
+
+@contextlib.contextmanager
+def patience(seconds: float):
+    """Wait up to ``seconds`` (if longer than the default) in the collectives run inside: for
+    steps where peers do slow one-off work, such as torch.compile compiling a new shape."""
+    before = _config.DEFAULT_TIMEOUT_S
+    _config.DEFAULT_TIMEOUT_S = max(before, float(seconds))
+    try:
+        yield
+    finally:
+        _config.DEFAULT_TIMEOUT_S = before
 
 
 def get_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
@@ -53,6 +66,12 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _eager(fn):
+    """Collectives wait with a deadline, which torch.compile cannot trace: a compiled decode
+    step (``LlamaForCausalLM.compile_decode``) runs them eagerly between its compiled pieces."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def _wait(work: dist.Work, op: str, group: dist.ProcessGroup, timeout: float | None) -> None:
     seconds = _config.DEFAULT_TIMEOUT_S if timeout is None else timeout
     start = time.monotonic()
@@ -70,6 +89,7 @@ def _wait(work: dist.Work, op: str, group: dist.ProcessGroup, timeout: float | N
         ) from exc
 
 
+@_eager
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> torch.Tensor:
     """Sum ``tensor`` over the group, in place; returns it."""
     group = get_group(group)
@@ -79,6 +99,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None,
     return tensor
 
 
+@_eager
 def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | None = None,
                sizes: list[int] | None = None, timeout: float | None = None) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along ``dim``.
@@ -156,6 +177,7 @@ def all_gather_object(obj: object, group: dist.ProcessGroup | None = None, timeo
         at += n
     return out
 
+@_eager
 def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None,
                     timeout: float | None = None) -> torch.Tensor | None:
     """Concatenate the last-dim pieces on group-rank 0 only (inference; no autograd)."""
