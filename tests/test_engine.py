@@ -62,6 +62,42 @@ def test_logits_shape_and_tp_invariance(by_tp):
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_compiled_decode_matches_eager(by_tp, tp):
+    """--compile changes how the decode step runs, never what it produces."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with LLM(tensor_parallel_size=tp, compile=True) as llm:
+        assert llm.model.decode_compiled
+        greedy = llm.generate(PROMPTS, GREEDY)
+        seeded = llm.generate(PROMPTS, SEEDED)
+        single = llm.generate(PROMPTS[0], GREEDY)[0]
+    assert counters["stats"]["unique_graphs"] >= 2  # the layer step and the head really were compiled
+    assert [o.outputs[0].text for o in greedy] == by_tp[1]["greedy"]
+    assert [o.outputs[0].token_ids for o in seeded] == by_tp[1]["seeded"]
+    assert single.outputs[0].token_ids == by_tp[1]["greedy_ids"][0]
+
+
+def test_close_gives_the_cores_back():
+    before = torch.get_num_threads()
+    with LLM(tensor_parallel_size=2) as llm:
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+        llm.generate("Hi", SamplingParams(max_tokens=1))
+    assert torch.get_num_threads() == before
+
+
+def test_script_without_main_guard_fails_fast(tmp_path):
+    """Spawned workers re-import the main module; a missing guard must not hang the rendezvous."""
+    script = tmp_path / "noguard.py"
+    script.write_text("from tpserve import LLM\nllm = LLM(tensor_parallel_size=2)\n")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "worker rank 1 failed to start" in run.stderr and '__name__ == "__main__"' in run.stderr
+    assert time.monotonic() - start < 60
+
+
 def test_batch_matches_one_by_one():
     with LLM(tensor_parallel_size=2) as llm:
         batch = llm.generate(PROMPTS, GREEDY)
@@ -173,6 +209,10 @@ def test_torchrun_entry_point_matches_local_mode():
     local = subprocess.run([sys.executable, "-m", "tpserve", *args], capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr[-2000:]
     assert run.stdout == local.stdout and "Berlin" in run.stdout
+    compiled = subprocess.run([sys.executable, "-m", "tpserve", *args, "--compile"], capture_output=True, text=True,
+                              timeout=300)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout == local.stdout
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -42,6 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: ~2x faster decode after a one-off compile of 10-20 s")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpserve", description="Tensor-parallel LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    _add_compile_arg(p)
     p.add_argument("prompt")
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
@@ -63,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_non_negative_float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
+    _add_compile_arg(p)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     _add_model_args(p)
@@ -99,7 +106,8 @@ def _generate(args) -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device) as llm:
+    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
+             compile=args.compile) as llm:
         prompt = args.prompt
         if args.chat:
             prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
@@ -120,7 +128,8 @@ def _chat(args) -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device) as llm:
+    with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
+             compile=args.compile) as llm:
         print("tpserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
             try:

@@ -51,17 +51,21 @@ def _die_with_parent() -> None:
 
 
 def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, device: str | None,
-                conn, comm_timeout: float, threads: int) -> None:
+                conn, comm_timeout: float, threads: int, compile_decode: bool = False) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     parent = os.getppid()
     try:
+        conn.send(("started", None))  # the driver waits for this before its rendezvous
         torch.set_num_threads(threads)
         from tpserve.engine.llm import init_group
         from tpserve.models import load_model
 
         dev = init_group(rank, world, port, device, comm_timeout)
-        model = load_model(model_path, dtype=dtype, device=dev, progress=False, decode_layout=dev.type == "cpu")
+        model = load_model(model_path, dtype=dtype, device=dev, progress=False,
+                           decode_layout=dev.type == "cpu" and not compile_decode)
+        if compile_decode:
+            model.compile_decode()
         conn.send(("ready", None))
         state: dict = {}
         while True:
