@@ -1,11 +1,12 @@
 """Prefill and decode speed of tpserve at TP = 1..4 beside transformers' generate, in one run.
 
-    .venv/bin/python benchmarks/generate.py [--tp 1 2 3 4] [--prompt-len 128] [--new 64]
+    .venv/bin/python benchmarks/generate.py [--tp 1 2 3 4] [--compile-tp 1] [--prompt-len 128] [--new 64]
 
 Same model (the default SmolLM2-135M-Instruct unless --model), same prompt, same machine,
 fp32 on CPU. Batch-1 decode is bound by memory bandwidth: every token reads every weight once,
 so the roofline is (memory read bandwidth) / (weight bytes); the table reports each engine's
-fraction of it. Times are medians of --reps runs after a warm-up.
+fraction of it. Times are medians of --reps runs after a warm-up; "first call" is that warm-up,
+which for --compile rows includes torch.compile (less when inductor's on-disk cache is warm).
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int) -> tuple[float, float]:
+def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, seconds of the first generate call, which includes compiling)."""
     from tpserve import LLM, SamplingParams
 
-    with LLM(model=model, tensor_parallel_size=tp) as llm:
+    with LLM(model=model, tensor_parallel_size=tp, compile=compile) as llm:
         one = SamplingParams(max_tokens=1, ignore_eos=True)
         many = SamplingParams(max_tokens=new + 1, ignore_eos=True)
+        t = time.perf_counter()
         llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+        first = time.perf_counter() - t
         t_prefill = _median_time(lambda: llm.generate([prompt], one), reps)
         t_total = _median_time(lambda: llm.generate([prompt], many), reps)
-    return len(prompt) / t_prefill, new / (t_total - t_prefill)
+    return len(prompt) / t_prefill, new / (t_total - t_prefill), first
 
 
 def bench_transformers(path, prompt: list[int], new: int, reps: int) -> tuple[float, float]:
@@ -74,6 +78,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
+                        help="TP degrees to run again with compile=True (torch.compile'd decode step)")
     args = parser.parse_args()
 
     from tpserve.checkpoint.safetensors_io import open_checkpoint
@@ -82,18 +88,27 @@ def main() -> None:
     path = resolve_model_path(args.model)
     weight_bytes = sum(r.nbytes for r in open_checkpoint(path).values())
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
-    bw = read_bandwidth()
-    roof = bw * 1e9 / weight_bytes
-    print(f"model {path.name}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per decoded token")
-    print(f"memory read bandwidth {bw:.1f} GB/s -> batch-1 decode roofline {roof:.1f} tokens/s "
-          f"({torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, {args.new} new tokens)\n")
-    rows = [("transformers generate", 1, *bench_transformers(path, prompt, args.new, args.reps))]
+    bw_start = read_bandwidth()
+    threads = torch.get_num_threads()
+    rows = [("transformers generate", 1, *bench_transformers(path, prompt, args.new, args.reps), None)]
     for tp in args.tp:
-        rows.append(("tpserve", tp, *bench_tpserve(args.model, tp, prompt, args.new, args.reps)))
+        rows.append(("tpserve", tp, *bench_tpserve(args.model, tp, prompt, args.new, args.reps, False)))
+    for tp in args.compile_tp:
+        rows.append(("tpserve --compile", tp, *bench_tpserve(args.model, tp, prompt, args.new, args.reps, True)))
+    # measured before and after the engines (a shared VM's bandwidth drifts); the higher one makes
+    # the stricter roofline
+    bw = max(bw_start, read_bandwidth())
+    roof = bw * 1e9 / weight_bytes
+    print(f"\nmodel {path.name}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per decoded token")
+    print(f"memory read bandwidth {bw:.1f} GB/s (before {bw_start:.1f}) -> batch-1 decode roofline {roof:.1f} tokens/s "
+          f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens)\n")
     base = rows[0][3]
-    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'roofline':>10}{'vs transformers':>17}")
-    for name, tp, prefill, decode in rows:
-        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{decode / roof:>10.0%}{decode / base:>16.2f}x")
+    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'roofline':>10}{'vs transformers':>17}"
+          f"{'first call s':>14}")
+    for name, tp, prefill, decode, first in rows:
+        first_s = "" if first is None else f"{first:.1f}"
+        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{decode / roof:>10.0%}{decode / base:>16.2f}x"
+              f"{first_s:>14}")
 
 
 if __name__ == "__main__":
