@@ -354,6 +354,12 @@ def test_cli_convert_and_verify(src, tmp_path, capsys):
     assert main(["convert", str(out), "--tp", "2", "--output", str(tmp_path / "from_ckpt")]) == 0  # tpserve -> tpserve
     assert main(["verify", str(tmp_path / "from_ckpt")]) == 0
     capsys.readouterr()
+    inspected = []
+    for path in (src[0], out):  # inspect reads a tpserve checkpoint's full shapes from its manifest
+        assert main(["inspect", str(path), "--tp", "2"]) == 0
+        inspected.append(capsys.readouterr().out.splitlines())
+    assert inspected[1][0].endswith("(tpserve checkpoint cut for TP=3)")
+    assert inspected[1][1:] == inspected[0][1:]
     for argv, needle in [(["convert", str(src[0]), "--tp", "3", "--output", str(out)], "already holds"),
                          (["convert", str(src[0]), "--tp", "10", "--output", str(tmp_path / "x")], "TP=10"),
                          (["convert", str(tmp_path / "nope"), "--tp", "2", "--output", str(tmp_path / "y")], "does not exist"),

@@ -147,7 +147,9 @@ def _chat(args) -> None:
 
 
 def _inspect(args) -> None:
+    from tpserve.checkpoint.manifest import read_manifest
     from tpserve.checkpoint.safetensors_io import open_checkpoint
+    from tpserve.checkpoint.sharded import is_checkpoint
     from tpserve.engine.llm import resolve_model_path
     from tpserve.models import load_config
     from tpserve.models.layout import layout
@@ -157,11 +159,17 @@ def _inspect(args) -> None:
     path = resolve_model_path(args.path)
     config = load_config(path)
     spec = Spec.from_config(config)
-    refs = open_checkpoint(path)
-    total = sum(math.prod(r.shape) for r in refs.values())
-    nbytes = sum(r.nbytes for r in refs.values())
-    dtypes = sorted({str(r.dtype).removeprefix("torch.") for r in refs.values()})
-    print(f"path:          {path}")
+    saved_tp = ""
+    if is_checkpoint(path):  # a tpserve checkpoint: the full shapes are in its manifest
+        manifest = read_manifest(path)
+        tensors = {name: (t.shape, t.dtype) for name, t in manifest.tensors.items()}
+        saved_tp = f" (tpserve checkpoint cut for TP={manifest.tp})"
+    else:
+        tensors = {name: (tuple(r.shape), r.dtype) for name, r in open_checkpoint(path).items()}
+    total = sum(math.prod(shape) for shape, _ in tensors.values())
+    nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in tensors.values())
+    dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in tensors.values()})
+    print(f"path:          {path}{saved_tp}")
     print(f"architecture:  {', '.join(config.architectures)} ({config.model_type})")
     print(f"parameters:    {total:,} ({total / 1e6:.1f} M)")
     print(f"dtype:         {', '.join(dtypes)}")
@@ -184,7 +192,7 @@ def _inspect(args) -> None:
             local = list(s.full_shape)
             if s.dim is not None:
                 local[s.dim] = s.end - s.start
-            size += math.prod(local) * refs[name].dtype.itemsize if name in refs else 0
+            size += math.prod(local) * tensors[name][1].itemsize if name in tensors else 0
         print(f"  {rank:>4}  {f'{q0}-{q1 - 1}':>11}  {f'{k0}-{k1 - 1}':>8}  {f'{mlp.start}-{mlp.end - 1}':>13}  "
               f"{f'{emb.start}-{emb.end - 1}':>13}  {size:>12,}")
     if spec.num_kv_heads < args.tp or spec.num_heads % args.tp or spec.num_kv_heads % args.tp:
