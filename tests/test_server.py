@@ -649,6 +649,22 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(real):
     assert max(r["first"] for r in results) < min(r["done"] for r in results)
 
 
+def test_compiled_server_gives_the_same_answers(real, tmp_path):
+    """serve --compile compiles its decode graphs before answering; the batch then grows from one
+    row to sixteen, through every compiled graph, with the same answers as eager generate."""
+    _, name, reference = real
+    with tpserve_serve(tmp_path, "--compile") as (url, _, err, _):
+        assert "compiled decode" in err.read_text()
+
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                t0 = time.monotonic()
+                return await asyncio.gather(*[_stream_one(client, name, p, t0) for p in PROMPTS])
+
+        results = asyncio.run(main())
+    assert [(r["text"], r["finish"]) for r in results] == reference["completions"]
+
+
 def test_a_new_request_joins_a_running_batch(real):
     """Continuous batching: a short request that arrives during a long one finishes first."""
     url, name, _ = real

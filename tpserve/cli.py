@@ -44,7 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~2x faster decode after a one-off compile of 10-20 s")
+                   help="torch.compile the decode step: ~2x faster batch-1 decode on CPU, after a one-off "
+                        "compile (10-30 s; serve compiles before answering requests)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                    "(default: $TPSERVE_API_KEY, else no key)")
     p.add_argument("--max-batch", type=_positive_int, default=16, help="most requests decoded together")
+    _add_compile_arg(p)
     p.add_argument("--max-model-len", type=_positive_int, default=2048,
                    help="longest prompt + completion served (each batch row's KV cache is this long; "
                         "capped at the model's context)")

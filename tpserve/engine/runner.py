@@ -6,8 +6,6 @@ flag, so the ranks cannot diverge even when sampling is random.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Callable
 
 import torch
@@ -15,7 +13,6 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.parallel import broadcast_tensor
-from tpserve.parallel.comm import patience
 
 from .kv_cache import allocate_kv_cache
 
@@ -38,19 +35,6 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     w = model.model.layers[0].self_attn.q_proj.weight
     return w.device, w.dtype
-
-
-CACHE_BUCKET = 256
-# peers may reach a collective a compile's length apart on the first step of a new shape
-COMPILE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMPILE_TIMEOUT", "600"))
-
-
-def _cache_length(needed: int, context: int, compiled: bool) -> int:
-    """``needed`` columns, or for a compiled decode step that length rounded up to a multiple of
-    ``CACHE_BUCKET`` (within the context), so calls of similar lengths share one compiled graph."""
-    if not compiled or needed > context:
-        return needed  # allocate_kv_cache explains a length beyond the context
-    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, context)
 
 
 @torch.no_grad()
@@ -80,7 +64,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, ch
     device, dtype = _device_dtype(model)
     batch, width = len(prompts), max(len(p) for p in prompts)
     compiled = getattr(model, "decode_compiled", False)
-    cache_len = _cache_length(width + max_new_tokens, model.spec.max_position_embeddings, compiled)
+    cache_len = width + max_new_tokens
     cache = allocate_kv_cache(model, batch, cache_len)
     ids, pos = left_pad(prompts, device)
     key_pos = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
@@ -107,17 +91,11 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, ch
             break
         slot = width + i
         key_pos[:, slot] = next_pos
-        if compiled:  # static shapes: attend over the whole (masked) cache, slot as a tensor
-            slots = torch.full((batch, 1), slot, dtype=torch.long, device=device)
-            step = model.make_step(next_pos[:, None], key_pos, slots, dtype)
-        else:
-            step = model.make_step(next_pos[:, None], key_pos[:, :slot + 1], slot, dtype)
+        # a compiled step takes the column as a tensor (an int would be baked into its graph)
+        col = torch.full((batch, 1), slot, dtype=torch.long, device=device) if compiled else slot
+        step = model.make_step(next_pos[:, None], key_pos[:, :slot + 1], col, dtype)
         next_pos = next_pos + 1
-        first = compiled and (batch, cache_len) not in model.compiled_shapes  # this step compiles
-        with patience(COMPILE_TIMEOUT_S) if first else contextlib.nullcontext():
-            logits = model(tokens[:, None], step, cache, last_only=True, gather="rank0", compiled=compiled)
-        if first:
-            model.compiled_shapes.add((batch, cache_len))
+        logits = model(tokens[:, None], step, cache, last_only=True, gather="rank0", compiled=compiled)
     return torch.stack(chosen, dim=1).cpu()
 
 
@@ -165,5 +143,6 @@ def decode_slots(model: nn.Module, slots: SlotCache, tokens: list[int], position
     kv_len = int(pos.max()) + 1
     step = model.make_step(pos[:, None], slots.key_pos[:rows, :kv_len], pos[:, None], dtype)
     views = [(k[:rows], v[:rows]) for k, v in slots.kv]
-    logits = model(torch.tensor(tokens, device=device)[:, None], step, views, last_only=True, gather="rank0")
+    logits = model(torch.tensor(tokens, device=device)[:, None], step, views, last_only=True, gather="rank0",
+                   compiled=getattr(model, "decode_compiled", False))
     return None if logits is None else logits[:, -1].float().cpu()

@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from tpserve.parallel.layers import REDUCE_ROWS
+
 from .llm import LLM, _Request
 from .sampling import SamplingParams
 
@@ -44,10 +46,11 @@ class ServingEngine:
 
     def __init__(self, model=None, tensor_parallel_size: int = 1, dtype: str = "auto", device: str | None = None,
                  max_batch: int = 16, max_model_len: int = 2048,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, compile: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device)
+        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
+                       compile=compile)
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_path.name
         self.context = min(self.llm.context, max_model_len)
@@ -61,12 +64,26 @@ class ServingEngine:
         self._wake = threading.Condition()
         self._stop = False
         try:
+            if compile:
+                self._compile_now()
             self.llm._run(("slots_init", max_batch, self.context))
         except BaseException:
             self.llm.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="tpserve-engine", daemon=True)
         self._thread.start()
+
+    def _compile_now(self) -> None:
+        """Compile every decode graph a batch of up to ``max_batch`` rows can need, before the
+        first request, so that no request waits for a compile."""
+        model = self.llm.model
+        sizes = sorted({min(n, self.max_batch) for n in (1, 2, REDUCE_ROWS + 1)})
+        self.llm._run(("slots_init", sizes[-1], 8))
+        for row in range(sizes[-1]):
+            self.llm._run(("slots_prefill", row, [0, 0]))
+        for rows in sizes:
+            if model.decode_graph(rows) not in model.compiled_graphs:
+                self.llm._run(("slots_decode", [0] * rows, [2] * rows))
 
     # ---- public -------------------------------------------------------------------------
 

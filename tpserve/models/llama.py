@@ -12,6 +12,7 @@ when counts do not divide (SmolLM2's 9 query / 3 KV heads runs at TP = 2, 3 and 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,11 @@ from tpserve.parallel import (
     get_group,
     head_ranges,
 )
+from tpserve.parallel.comm import patience
+from tpserve.parallel.layers import REDUCE_ROWS
+
+# peers may reach a collective a compile's length apart on a compiled step's first call
+COMPILE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMPILE_TIMEOUT", "600"))
 
 
 @dataclass
@@ -145,15 +151,14 @@ class Step:
     positions: [B, T] rope positions of the new tokens.
     slots:     where the new tokens' K/V go in the cache: an int (same column for every row)
                or a [B, T] tensor of columns.
-    kv_len:    how many cache columns the new tokens attend over (ignored without a cache).
-    mask:      additive float mask [B, 1, T, kv_len]; finite, so padded rows never make NaNs.
+    mask:      additive float mask [B, 1, T, kv_len] over the first kv_len cache columns (all
+               of them without a cache); finite, so padded rows never make NaNs.
     cos, sin:  rope tables for ``positions``, [B, 1, T, head_dim]; ``sin`` carries
                rotate_half's sign in its first half (see ``_rope``).
     """
 
     positions: torch.Tensor
     slots: int | torch.Tensor
-    kv_len: int
     mask: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
@@ -209,7 +214,8 @@ class Attention(nn.Module):
                 rows = torch.arange(B, device=x.device)[:, None]
                 k_cache.permute(0, 2, 1, 3)[rows, step.slots] = k.transpose(1, 2)
                 v_cache.permute(0, 2, 1, 3)[rows, step.slots] = v.transpose(1, 2)
-            k, v = k_cache[:, :, :step.kv_len], v_cache[:, :, :step.kv_len]
+            kv_len = step.mask.shape[-1]
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         if self.gqa_uniform:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask,
                                                  enable_gqa=self.num_local_heads != self.num_local_kv)
@@ -290,18 +296,24 @@ class LlamaForCausalLM(nn.Module):
         fuse, and matrix-vector products become bandwidth-bound reductions (``layers.linear``).
 
         Every decoder layer runs the same compiled function (regional compilation), so it
-        compiles once, in seconds, instead of once per layer. Shapes are static: each new batch
-        size or cache length compiles again, which is why ``runner.generate`` rounds the cache
-        length up. Prefill stays eager. Compiling happens on the first compiled call.
+        compiles once, in seconds, instead of once per layer. Batch and cache length are dynamic,
+        so a model compiles at most three graphs (see :meth:`decode_graph`) on first use; prefill
+        stays eager.
         """
         import torch._dynamo
 
         _check_cpp_compiler(self.model.norm.weight.device)
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 64)  # batch sizes x cache buckets
-        self.compiled_shapes: set = set()  # callers note which (batch, cache length) have compiled
-        self._decode_layer = torch.compile(_layer_step, dynamic=False)
-        self._decode_head = torch.compile(_head_step, dynamic=False)
+        config.recompile_limit = max(config.recompile_limit, 64)  # several models in one process
+        self.compiled_graphs: set[str] = set()
+        self._decode_layer = torch.compile(_layer_step, dynamic=True)
+        self._decode_head = torch.compile(_head_step, dynamic=True)
+
+    @staticmethod
+    def decode_graph(batch: int) -> str:
+        """Which compiled graph a decode step of ``batch`` rows runs: dynamo specialises a batch of
+        one, and ``layers.linear`` changes kernels above ``REDUCE_ROWS`` rows."""
+        return "one" if batch == 1 else "few" if batch <= REDUCE_ROWS else "many"
 
     @property
     def decode_compiled(self) -> bool:
@@ -333,16 +345,28 @@ class LlamaForCausalLM(nn.Module):
             allowed &= qp - kp < self.spec.sliding_window
         mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return Step(positions, slots, key_positions.shape[1], mask[:, None], cos, sin)
+        return Step(positions, slots, mask[:, None], cos, sin)
 
     def forward(self, input_ids: torch.Tensor, step: Step, kv_cache: list | None = None,
                 last_only: bool = False, gather: bool | str = True, compiled: bool = False) -> torch.Tensor | None:
         """Logits for ``input_ids`` [B, T]: all positions, or the last one with ``last_only``.
         ``gather``: True for full-vocabulary logits on every rank, "rank0" for rank 0 only
         (others get None), False for this rank's vocabulary slice. ``compiled`` runs the layers
-        and head through :meth:`compile_decode`'s functions (the caller keeps shapes static)."""
-        if compiled and self._decode_layer is None:
-            raise RuntimeError("forward(compiled=True) needs compile_decode() first")
+        and head through :meth:`compile_decode`'s functions; ``step.slots`` must be a tensor."""
+        if compiled:
+            if self._decode_layer is None:
+                raise RuntimeError("forward(compiled=True) needs compile_decode() first")
+            if not isinstance(step.slots, torch.Tensor):  # an int would be baked into the graph
+                raise ValueError("forward(compiled=True) needs step.slots as a [B, T] tensor of cache columns")
+            graph = self.decode_graph(input_ids.shape[0])
+            if graph not in self.compiled_graphs:  # this call compiles: peers may reach each
+                with patience(COMPILE_TIMEOUT_S):  # collective a compile's length apart
+                    out = self._forward(input_ids, step, kv_cache, last_only, gather, True)
+                self.compiled_graphs.add(graph)
+                return out
+        return self._forward(input_ids, step, kv_cache, last_only, gather, compiled)
+
+    def _forward(self, input_ids, step, kv_cache, last_only, gather, compiled):
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             cache = kv_cache[i] if kv_cache is not None else None

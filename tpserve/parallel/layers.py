@@ -52,15 +52,18 @@ def load_shard(param: torch.Tensor, full, dim: int | None, start: int = 0, end: 
         param.copy_(piece)
 
 
+REDUCE_ROWS = 4  # up to this many rows a compiled reduction beat MKL's sgemm (measured at 1, 2, 4, 8)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except inside ``torch.compile`` on CPU with at most four rows (a decode step).
+    """``F.linear``, except inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows (a decode step).
 
     There the product is written as multiply-and-sum, which inductor turns into one reduction
     kernel that streams the weight at memory speed: 22-27 GB/s against 11-16 GB/s for MKL's
     matrix-vector product on these AMD CPUs (``benchmarks/generate.py`` shows the effect).
     Eager callers (and prefill) keep the BLAS matmul, which is the right tool for many rows.
     """
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) <= 4:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) <= REDUCE_ROWS:
         y = (x.unsqueeze(-2) * weight).sum(-1)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

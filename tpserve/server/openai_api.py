@@ -681,7 +681,8 @@ def serve(args) -> None:
               f"port can use the model", file=sys.stderr)
     try:
         engine = ServingEngine(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
-                               max_batch=args.max_batch, max_model_len=args.max_model_len)
+                               max_batch=args.max_batch, max_model_len=args.max_model_len,
+                               compile=getattr(args, "compile", False))
     except BaseException:
         sock.close()
         raise
@@ -691,8 +692,9 @@ def serve(args) -> None:
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         threading.Thread(target=_watch, args=(engine, server, failure), name="tpserve-watchdog", daemon=True).start()
         shown = f"[{args.host}]" if ":" in args.host else args.host
+        compiled = ", compiled decode" if getattr(args, "compile", False) else ""
         print(f"tpserve serve: {engine.model_name} (TP={args.tp}, max batch {args.max_batch}, context "
-              f"{engine.context}) at http://{shown}:{args.port}/v1", file=sys.stderr, flush=True)
+              f"{engine.context}{compiled}) at http://{shown}:{args.port}/v1", file=sys.stderr, flush=True)
         server.run(sockets=[sock])
     finally:
         sock.close()
