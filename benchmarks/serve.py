@@ -1,12 +1,13 @@
 """Serving throughput and latency: ``tpserve serve`` at TP=1 and TP=2 beside a transformers
 baseline, at 1, 4 and 16 concurrent clients, in one run.
 
-    .venv/bin/python benchmarks/serve.py [--tp 1 2] [--clients 1 4 16] [--new 32] [--model PATH]
+    .venv/bin/python benchmarks/serve.py [--tp 1 2] [--compile-tp 1] [--clients 1 4 16] [--new 32] [--model PATH]
 
 Every backend is a real HTTP server on 127.0.0.1 in a process of its own, loaded with the same
 model (the default SmolLM2-135M-Instruct unless --model), fp32 on CPU:
 
-* ``tpserve TP=N``: ``python -m tpserve serve --tp N`` (continuous batching, up to 16 requests).
+* ``tpserve TP=N``: ``python -m tpserve serve --tp N`` (continuous batching, up to 16 requests);
+  with ``--compile`` for the --compile-tp degrees (its compile happens before /health answers).
 * ``transformers``: the baseline, a minimal FastAPI server in this file (``--baseline-server``)
   that runs ``AutoModelForCausalLM.generate`` for one request at a time behind a lock: requests
   queue, nothing is batched. It is the plain way to put a Hugging Face model behind HTTP.
@@ -172,6 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="transformers directory (default: the embedded default model)")
     parser.add_argument("--tp", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
+                        help="TP degrees to run again with serve --compile")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
@@ -200,11 +203,13 @@ def main() -> None:
                    "--model", path]
             rows += bench_backend("transformers", cmd, port, name, args.clients, args.new, args.per_client,
                                   args.min_requests, logdir)
-        for tp in args.tp:
+        runs = [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]
+        for tp, compiled in runs:
             port = free_port()
             cmd = [sys.executable, "-m", "tpserve", "serve", "--model", path, "--tp", str(tp), "--port", str(port)]
-            rows += bench_backend(f"tpserve TP={tp}", cmd, port, name, args.clients, args.new, args.per_client,
-                                  args.min_requests, logdir)
+            label = f"tpserve TP={tp}" + (" --compile" if compiled else "")
+            rows += bench_backend(label, cmd + ["--compile"] * compiled, port, name, args.clients, args.new,
+                                  args.per_client, args.min_requests, logdir)
 
     print(f"\n{name}, {args.new} new tokens per request, fp32, {os.cpu_count()} CPU cores, "
           f"{time.strftime('%Y-%m-%d')}, total {time.perf_counter() - started:.0f}s\n")
