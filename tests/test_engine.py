@@ -73,10 +73,14 @@ def test_compiled_decode_matches_eager(by_tp, tp):
         greedy = llm.generate(PROMPTS, GREEDY)
         seeded = llm.generate(PROMPTS, SEEDED)
         single = llm.generate(PROMPTS[0], GREEDY)[0]
+        many = llm.generate(PROMPTS * 2, GREEDY)  # more rows than layers.REDUCE_ROWS: the third graph
+        graphs = sorted(llm.model.compiled_graphs)
+    assert graphs == ["few", "many", "one"]
     assert counters["stats"]["unique_graphs"] >= 2  # the layer step and the head really were compiled
     assert [o.outputs[0].text for o in greedy] == by_tp[1]["greedy"]
     assert [o.outputs[0].token_ids for o in seeded] == by_tp[1]["seeded"]
     assert single.outputs[0].token_ids == by_tp[1]["greedy_ids"][0]
+    assert [o.outputs[0].text for o in many] == by_tp[1]["greedy"] * 2
 
 
 def test_close_gives_the_cores_back():
@@ -163,6 +167,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_killed_worker_raises_quickly_and_leaves_nothing():
+    threads = torch.get_num_threads()
     llm = LLM(tensor_parallel_size=3)
     pids = [p.pid for p in llm._workers]
     killed_at = []
@@ -176,6 +181,7 @@ def test_killed_worker_raises_quickly_and_leaves_nothing():
     with pytest.raises(RuntimeError, match=r"rank 2: pid \d+ exited \(killed by signal 9\)"):
         llm.generate(["Tell me a very long story about dragons."] * 2, SamplingParams(max_tokens=2000, ignore_eos=True))
     assert time.monotonic() - killed_at[0] < 10
+    assert torch.get_num_threads() == threads  # the cores this LLM took are given back
     time.sleep(0.5)
     assert all(_gone(p) for p in pids)
     with pytest.raises(RuntimeError, match="closed"):

@@ -79,7 +79,7 @@ def check_parity(path: str, ref: dict, compiled: bool = False) -> dict:
         return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)
 
     tokens = generate(model, PROMPTS, NEW_TOKENS, greedy if dist.get_rank() == 0 else None)
-    out = {"tokens": tokens.tolist()}
+    out = {"tokens": tokens.tolist(), "graphs": sorted(getattr(model, "compiled_graphs", []))}
     if logits is not None:
         out["err"] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits, ref["logits"]))
         out["abs_err"] = max((a - b).abs().max().item() for a, b in zip(logits, ref["logits"]))
@@ -103,6 +103,34 @@ def test_compiled_decode_matches_transformers(tp_run, checkpoints, kind, tp):
     path, ref = checkpoints[kind]
     results = tp_run(tp, check_parity, path, ref, True)
     assert all(r["tokens"] == ref["greedy"] for r in results), f"{kind} TP={tp}: compiled greedy tokens differ"
+    assert all(r["graphs"] == ["few"] for r in results)  # the 3-prompt batch really ran compiled
+
+
+def check_mixed_budgets(path: str) -> list:
+    from tpserve.engine.runner import generate
+    from tpserve.models import load_model
+
+    model = load_model(path, dtype="float32", device="cpu", progress=False)
+
+    def greedy(lg, i):
+        return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)
+
+    long, short = [(7 * i) % 160 for i in range(120)], [5, 17, 33]
+    together = generate(model, [long, short], [8, 100], greedy)  # 220 cache columns, context 128
+    alone = [generate(model, [long], 8, greedy)[0].tolist(), generate(model, [short], 100, greedy)[0].tolist()]
+    try:
+        generate(model, [long], 9, greedy)
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return [together[0, :8].tolist() == alone[0], together[1].tolist() == alone[1], error]
+
+
+def test_long_and_short_prompts_with_their_own_budgets(tp_run, checkpoints):
+    """A left-padded batch needs more cache columns than the context; each row's positions fit."""
+    long_ok, short_ok, error = tp_run(1, check_mixed_budgets, checkpoints["llama_gqa"][0])[0]
+    assert long_ok and short_ok
+    assert "120 tokens + 9 new exceed the model's context of 128" in error
 
 
 # ---- bad checkpoints: each error names file and tensor, on every rank, before any forward ----

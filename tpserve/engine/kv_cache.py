@@ -7,11 +7,10 @@ from torch import nn
 
 
 def allocate_kv_cache(model: nn.Module, batch: int, max_seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Room for ``batch`` sequences of ``max_seq`` tokens, holding only this rank's KV heads."""
-    spec = model.spec
-    if max_seq > spec.max_position_embeddings:
-        raise ValueError(f"{max_seq} tokens exceed the model's context of {spec.max_position_embeddings}; "
-                         f"shorten the prompt or lower max_tokens")
+    """Room for ``batch`` rows of ``max_seq`` cache columns, holding only this rank's KV heads.
+
+    Columns are not positions: a left-padded batch may need more columns than the context
+    while every row's positions stay inside it (callers check positions)."""
     weight = model.model.layers[0].self_attn.k_proj.weight
     out = []
     for layer in model.model.layers:

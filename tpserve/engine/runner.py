@@ -51,16 +51,24 @@ def full_logits(model: nn.Module, prompts: list[list[int]]) -> list[torch.Tensor
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, choose: Chooser | None,
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | list[int], choose: Chooser | None,
              group: dist.ProcessGroup | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Prefill ``prompts`` together, then decode up to ``max_new_tokens`` steps.
+    """Prefill ``prompts`` together, then decode up to ``max_new_tokens`` steps (one number, or
+    one per prompt: rows are then held to their own count only by the context check).
 
     ``choose`` runs on rank 0 only (others pass None). Returns the chosen tokens [B, steps]
     on every rank; rows that finished keep decoding (their later tokens are ignored by the
-    caller) until every row is done.
+    caller) until every row is done, or after the largest count of steps.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    context = model.spec.max_position_embeddings
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        if len(p) + n > context:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + {n} new exceed the model's context of {context}; "
+                             f"shorten the prompt or lower max_tokens")
+    max_new_tokens = max(budgets)
     device, dtype = _device_dtype(model)
     batch, width = len(prompts), max(len(p) for p in prompts)
     compiled = getattr(model, "decode_compiled", False)
