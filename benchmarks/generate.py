@@ -5,7 +5,8 @@
 Same model (the default SmolLM2-135M-Instruct unless --model), same prompt, same machine,
 fp32 on CPU. Batch-1 decode is bound by memory bandwidth: every token reads every weight once,
 so the roofline is (memory read bandwidth) / (weight bytes); the table reports each engine's
-fraction of it. Times are medians of --reps runs after a warm-up; "first call" is that warm-up,
+fraction of it, against the bandwidth measured just before and after that engine's runs (the
+higher of the two), since a shared VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is that warm-up,
 which for --compile rows includes torch.compile (less when inductor's on-disk cache is warm).
 """
 
@@ -28,6 +29,15 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - t)
     return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _with_bandwidth(fn):
+    """``fn()``'s result and the memory read bandwidth measured just before and just after it
+    (the higher one): a shared VM's bandwidth drifts by 2x over minutes, so each engine is held
+    to the bandwidth of its own moment, and the higher reading makes the stricter roofline."""
+    before = read_bandwidth()
+    out = fn()
+    return out, max(before, read_bandwidth())
 
 
 def _median_time(fn, reps: int) -> float:
@@ -88,27 +98,24 @@ def main() -> None:
     path = resolve_model_path(args.model)
     weight_bytes = sum(r.nbytes for r in open_checkpoint(path).values())
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
-    bw_start = read_bandwidth()
     threads = torch.get_num_threads()
-    rows = [("transformers generate", 1, *bench_transformers(path, prompt, args.new, args.reps), None)]
-    for tp in args.tp:
-        rows.append(("tpserve", tp, *bench_tpserve(args.model, tp, prompt, args.new, args.reps, False)))
-    for tp in args.compile_tp:
-        rows.append(("tpserve --compile", tp, *bench_tpserve(args.model, tp, prompt, args.new, args.reps, True)))
-    # measured before and after the engines (a shared VM's bandwidth drifts); the higher one makes
-    # the stricter roofline
-    bw = max(bw_start, read_bandwidth())
-    roof = bw * 1e9 / weight_bytes
-    print(f"\nmodel {path.name}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per decoded token")
-    print(f"memory read bandwidth {bw:.1f} GB/s (before {bw_start:.1f}) -> batch-1 decode roofline {roof:.1f} tokens/s "
-          f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens)\n")
+    (prefill, decode), bw = _with_bandwidth(lambda: bench_transformers(path, prompt, args.new, args.reps))
+    rows = [("transformers generate", 1, prefill, decode, None, bw)]
+    for tp, compiled in [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]:
+        name = "tpserve --compile" if compiled else "tpserve"
+        out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled))
+        rows.append((name, tp, *out, bw))
+    print(f"\nmodel {path.name}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per decoded token "
+          f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens)")
+    print("roofline = memory read bandwidth (measured around each engine's runs) / weight bytes\n")
     base = rows[0][3]
-    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'roofline':>10}{'vs transformers':>17}"
-          f"{'first call s':>14}")
-    for name, tp, prefill, decode, first in rows:
+    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'read GB/s':>11}{'roofline':>10}"
+          f"{'of roofline':>13}{'vs transformers':>17}{'first call s':>14}")
+    for name, tp, prefill, decode, first, bw in rows:
+        roof = bw * 1e9 / weight_bytes
         first_s = "" if first is None else f"{first:.1f}"
-        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{decode / roof:>10.0%}{decode / base:>16.2f}x"
-              f"{first_s:>14}")
+        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{bw:>11.1f}{roof:>10.1f}{decode / roof:>13.0%}"
+              f"{decode / base:>16.2f}x{first_s:>14}")
 
 
 if __name__ == "__main__":
