@@ -219,6 +219,7 @@ def test_torchrun_entry_point_matches_local_mode():
                               timeout=300)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout == local.stdout
+    assert "leaked" not in compiled.stderr  # workers leave no semaphore behind (tqdm's lock)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -40,6 +40,17 @@ def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = N
     raise ValueError(f"unknown engine command {kind!r}")
 
 
+def _thread_lock_for_tqdm() -> None:
+    """tqdm's default lock is a multiprocessing semaphore, made on first use (torch.compile's FX
+    interpreter makes a disabled bar); a worker leaving by ``os._exit`` would leak it, and the
+    driver's resource tracker warns about that at exit. A worker's bars need only a thread lock."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _die_with_parent() -> None:
     """Ask Linux to kill this worker if the driver dies, even by SIGKILL."""
     try:
@@ -57,6 +68,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
     parent = os.getppid()
     try:
         conn.send(("started", None))  # the driver waits for this before its rendezvous
+        _thread_lock_for_tqdm()
         torch.set_num_threads(threads)
         from tpserve.engine.llm import init_group
         from tpserve.models import load_model
