@@ -75,8 +75,15 @@ def test_compiled_decode_matches_eager(by_tp, tp):
         single = llm.generate(PROMPTS[0], GREEDY)[0]
         many = llm.generate(PROMPTS * 2, GREEDY)  # more rows than layers.REDUCE_ROWS: the third graph
         graphs = sorted(llm.model.compiled_graphs)
+        compiled = counters["stats"]["unique_graphs"]
+        # other batch sizes and cache lengths of the same classes reuse those graphs
+        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=40))
+        llm.generate(PROMPTS * 2 + ["Hello"], SamplingParams(max_tokens=3))
+        llm.generate("A much longer prompt than before, " * 20, SamplingParams(max_tokens=5))
+        recompiled = counters["stats"]["unique_graphs"] - compiled
     assert graphs == ["few", "many", "one"]
-    assert counters["stats"]["unique_graphs"] >= 2  # the layer step and the head really were compiled
+    assert compiled >= 2  # the layer step and the head really were compiled (more at TP>1: graph breaks)
+    assert recompiled == 0, f"{recompiled} more graphs compiled for new sizes of the same classes"
     assert [o.outputs[0].text for o in greedy] == by_tp[1]["greedy"]
     assert [o.outputs[0].token_ids for o in seeded] == by_tp[1]["seeded"]
     assert single.outputs[0].token_ids == by_tp[1]["greedy_ids"][0]
@@ -262,3 +269,35 @@ def test_serving_engine_notices_a_worker_dying_while_idle():
             engine.submit([1, 2, 3], SamplingParams(max_tokens=2), lambda ev: None)
     finally:
         engine.close()
+
+
+def test_compiled_serving_engine_compiles_only_at_startup():
+    """ServingEngine(compile=True) compiles its graphs before serving; batches that grow from one
+    row to six, and cache lengths that grow each step, then reuse them."""
+    from torch._dynamo.utils import counters
+
+    from tpserve.engine.serving import ServingEngine
+
+    counters.clear()
+    engine = ServingEngine(compile=True, max_batch=6, max_model_len=256)
+    try:
+        at_start = counters["stats"]["unique_graphs"]
+        done, finished = {}, set()
+        ready = threading.Event()
+
+        def on_event(event):
+            done.setdefault(event.request_id, []).append(event.text)
+            if event.finish_reason is not None:
+                finished.add(event.request_id)
+                if len(finished) == 6:
+                    ready.set()
+
+        ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS * 2]
+        rids = [engine.submit(i, GREEDY, on_event) for i in ids]
+        assert ready.wait(120)
+        texts = ["".join(done[r]) for r in rids]
+        assert counters["stats"]["unique_graphs"] == at_start, "a request waited for a compile"
+    finally:
+        engine.close()
+    with LLM() as llm:
+        assert texts == [o.outputs[0].text for o in llm.generate(PROMPTS * 2, GREEDY)]

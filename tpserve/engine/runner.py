@@ -63,6 +63,8 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | l
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    if len(budgets) != len(prompts) or min(budgets) < 1:
+        raise ValueError(f"need one positive max_new_tokens per prompt, got {budgets} for {len(prompts)} prompts")
     context = model.spec.max_position_embeddings
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         if len(p) + n > context:

@@ -298,13 +298,18 @@ class LlamaForCausalLM(nn.Module):
         Every decoder layer runs the same compiled function (regional compilation), so it
         compiles once, in seconds, instead of once per layer. Batch and cache length are dynamic,
         so a model compiles at most three graphs (see :meth:`decode_graph`) on first use; prefill
-        stays eager.
+        stays eager. Process-wide effects: dynamo's recompile limit is raised to 64, duck sizing
+        is turned off, and changing ``torch.set_num_threads`` afterwards recompiles.
         """
         import torch._dynamo
+        import torch.fx.experimental._config as fx_config
 
         _check_cpp_compiler(self.model.norm.weight.device)
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)  # several models in one process
+        # No duck sizing: otherwise two sizes that happen to be equal on the first call (a
+        # 3-column cache and 3 KV heads) are assumed equal for good, and breaking that recompiles.
+        fx_config.use_duck_shape = False
         self.compiled_graphs: set[str] = set()
         self._decode_layer = torch.compile(_layer_step, dynamic=True)
         self._decode_head = torch.compile(_head_step, dynamic=True)
