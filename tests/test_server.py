@@ -635,15 +635,19 @@ async def _stream_one(client: httpx.AsyncClient, name: str, prompt: str, t0: flo
             "finish": events[-2]["choices"][0]["finish_reason"], "first": first, "done": time.monotonic() - t0}
 
 
-def test_sixteen_concurrent_streams_each_get_their_own_answer(real):
-    url, name, reference = real
-
+def _stream_all(url: str, name: str) -> list[dict]:
+    """Every prompt in PROMPTS as its own concurrent stream, started together."""
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             t0 = time.monotonic()
             return await asyncio.gather(*[_stream_one(client, name, p, t0) for p in PROMPTS])
 
-    results = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_answer(real):
+    url, name, reference = real
+    results = _stream_all(url, name)
     assert [(r["text"], r["finish"]) for r in results] == reference["completions"]
     # they ran together: every stream had its first token before any stream had finished
     assert max(r["first"] for r in results) < min(r["done"] for r in results)
@@ -655,13 +659,7 @@ def test_compiled_server_gives_the_same_answers(real, tmp_path):
     _, name, reference = real
     with tpserve_serve(tmp_path, "--compile") as (url, _, err, _):
         assert "compiled decode" in err.read_text()
-
-        async def main():
-            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-                t0 = time.monotonic()
-                return await asyncio.gather(*[_stream_one(client, name, p, t0) for p in PROMPTS])
-
-        results = asyncio.run(main())
+        results = _stream_all(url, name)
     assert [(r["text"], r["finish"]) for r in results] == reference["completions"]
 
 
