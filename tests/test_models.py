@@ -70,10 +70,8 @@ def check_parity(path: str, ref: dict, compiled: bool = False) -> dict:
     from tpserve.engine.runner import full_logits, generate
     from tpserve.models import load_model
 
-    model = load_model(path, dtype="float32", device="cpu", progress=False)
+    model = load_model(path, dtype="float32", device="cpu", progress=False, compile=compiled)
     logits = None if compiled else full_logits(model, PROMPTS)
-    if compiled:
-        model.compile_decode()
 
     def greedy(lg, i):
         return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)

@@ -163,10 +163,8 @@ class LLM:
                 raise
         try:
             self.model = load_model(self.model_path, dtype=self.dtype, device=dev, progress=self.rank == 0,
-                                    decode_layout=dev.type == "cpu" and not compile)
-            if compile:
-                self.model.compile_decode()
-            self._wait_ready()
+                                    decode_layout=dev.type == "cpu", compile=compile)
+            self._wait_for("ready")
         except BaseException:
             self.close()
             raise
@@ -226,10 +224,7 @@ class LLM:
         deadline = time.monotonic() + 5
         for proc in self._workers:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))
-        self._kill_workers()
-        if dist.is_initialized() and not self.external:
-            dist.destroy_process_group()
-        torch.set_num_threads(self._threads_before)
+        self._release()
 
     def __enter__(self) -> "LLM":
         return self
@@ -239,6 +234,14 @@ class LLM:
 
     # ---- internals ----------------------------------------------------------------------
 
+    def _release(self) -> None:
+        """Kill what is left of the workers, leave the process group, give the cores back."""
+        self._closed = True
+        self._kill_workers()
+        if dist.is_initialized() and not self.external:
+            dist.destroy_process_group()
+        torch.set_num_threads(self._threads_before)
+
     def _kill_workers(self) -> None:
         for proc in self._workers:
             if proc.is_alive():
@@ -246,9 +249,6 @@ class LLM:
         for proc in self._workers:
             proc.join(timeout=5)
         self._workers, self._conns = [], []
-
-    def _wait_ready(self) -> None:
-        self._wait_for("ready")
 
     def _wait_for(self, what: str) -> None:
         """Every worker's ``what`` message, noticing at once a worker that dies first."""
@@ -303,11 +303,7 @@ class LLM:
         stories = [f"rank {r}: {self._worker_story(r, p, c)}"
                    for r, (p, c) in enumerate(zip(self._workers, self._conns), start=1)]
         dead = [s for s in stories if "alive" not in s]
-        self._closed = True
-        self._kill_workers()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        torch.set_num_threads(self._threads_before)
+        self._release()
         detail = "; ".join(dead or stories)
         raise WorkerError(f"{what} failed: a worker process stopped ({detail}); all tpserve processes were stopped, "
                           f"create a new LLM to continue") from exc

@@ -74,10 +74,8 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         from tpserve.models import load_model
 
         dev = init_group(rank, world, port, device, comm_timeout)
-        model = load_model(model_path, dtype=dtype, device=dev, progress=False,
-                           decode_layout=dev.type == "cpu" and not compile_decode)
-        if compile_decode:
-            model.compile_decode()
+        model = load_model(model_path, dtype=dtype, device=dev, progress=False, decode_layout=dev.type == "cpu",
+                           compile=compile_decode)
         conn.send(("ready", None))
         state: dict = {}
         while True:

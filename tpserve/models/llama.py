@@ -11,6 +11,7 @@ when counts do not divide (SmolLM2's 9 query / 3 KV heads runs at TP = 2, 3 and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -364,12 +365,13 @@ class LlamaForCausalLM(nn.Module):
             if not isinstance(step.slots, torch.Tensor):  # an int would be baked into the graph
                 raise ValueError("forward(compiled=True) needs step.slots as a [B, T] tensor of cache columns")
             graph = self.decode_graph(input_ids.shape[0])
-            if graph not in self.compiled_graphs:  # this call compiles: peers may reach each
-                with patience(COMPILE_TIMEOUT_S):  # collective a compile's length apart
-                    out = self._forward(input_ids, step, kv_cache, last_only, gather, True)
-                self.compiled_graphs.add(graph)
-                return out
-        return self._forward(input_ids, step, kv_cache, last_only, gather, compiled)
+            # a graph's first call compiles, so peers may reach each collective a compile's length apart
+            first = graph not in self.compiled_graphs
+            with patience(COMPILE_TIMEOUT_S) if first else contextlib.nullcontext():
+                out = self._forward(input_ids, step, kv_cache, last_only, gather, True)
+            self.compiled_graphs.add(graph)
+            return out
+        return self._forward(input_ids, step, kv_cache, last_only, gather, False)
 
     def _forward(self, input_ids, step, kv_cache, last_only, gather, compiled):
         x = self.model.embed_tokens(input_ids)

@@ -158,13 +158,16 @@ def use_decode_layout(model: nn.Module) -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None,
-               group: dist.ProcessGroup | None = None, progress: bool = True, decode_layout: bool = False) -> nn.Module:
+               group: dist.ProcessGroup | None = None, progress: bool = True, decode_layout: bool = False,
+               compile: bool = False) -> nn.Module:
     """This rank's shard of the model at ``path``, ready for inference.
 
     Call inside an initialised process group (torchrun + ``tpserve.parallel.init_distributed()``);
     every rank of the group must call it. The model is built on the meta device, so no rank ever
     allocates more than its own shard. ``decode_layout`` stores weights for fast CPU decode
-    (see :func:`use_decode_layout`); the engine turns it on for CPU.
+    (see :func:`use_decode_layout`); the engine turns it on for CPU. ``compile`` readies the
+    compiled decode step (``compile_decode``) instead, whose reductions want the usual layout,
+    so it overrides ``decode_layout``.
     """
     group = get_group(group)
     path = Path(path)
@@ -175,10 +178,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)
     _materialize(model, device)
-    if decode_layout:
+    if decode_layout and not compile:
         use_decode_layout(model)
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
     model.eval().requires_grad_(False)
     model.source_path = path
+    if compile:
+        model.compile_decode()
     return model
