@@ -90,11 +90,23 @@ def test_compiled_decode_matches_eager(by_tp, tp):
     assert [o.outputs[0].text for o in many] == by_tp[1]["greedy"] * 2
 
 
-def test_close_gives_the_cores_back():
+def test_rank0_takes_its_share_of_the_cores_only_during_calls(monkeypatch):
+    import tpserve.engine.llm as llm_module
+
     before = torch.get_num_threads()
+    during = []
+
+    def spy(*args, **kwargs):
+        during.append(torch.get_num_threads())
+        return execute(*args, **kwargs)
+
+    execute = llm_module.execute
+    monkeypatch.setattr(llm_module, "execute", spy)
     with LLM(tensor_parallel_size=2) as llm:
-        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+        assert torch.get_num_threads() == before
         llm.generate("Hi", SamplingParams(max_tokens=1))
+        assert torch.get_num_threads() == before
+    assert during == [max(1, (os.cpu_count() or 1) // 2)]
     assert torch.get_num_threads() == before
 
 

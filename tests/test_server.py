@@ -42,6 +42,9 @@ class FakeTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [ord(c) % 1000 for c in text]}
 
+    def get_vocab(self) -> dict:  # one character a token
+        return {chr(i): i for i in range(1000)}
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tokenize: bool = True) -> str:
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
@@ -585,15 +588,15 @@ def tpserve_serve(tmp: Path, *extra: str, while_loading=lambda: None):
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """One server for the module; the reference answers are computed while it loads."""
-    with tpserve_serve(tmp_path_factory.mktemp("serve"), while_loading=_reference) as (url, _, _, reference):
+    with tpserve_serve(tmp_path_factory.mktemp("serve"), while_loading=_reference) as (url, proc, _, reference):
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        yield url, name, reference
+        yield url, name, reference, proc
 
 
 def test_openai_client(real):
     import openai
 
-    url, name, reference = real
+    url, name, reference, _ = real
     assert name == "SmolLM2-135M-Instruct"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [name]
@@ -646,7 +649,7 @@ def _stream_all(url: str, name: str) -> list[dict]:
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_answer(real):
-    url, name, reference = real
+    url, name, reference, _ = real
     results = _stream_all(url, name)
     assert [(r["text"], r["finish"]) for r in results] == reference["completions"]
     # they ran together: every stream had its first token before any stream had finished
@@ -656,7 +659,7 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(real):
 def test_compiled_server_gives_the_same_answers(real, tmp_path):
     """serve --compile compiles its decode graphs before answering; the batch then grows from one
     row to sixteen, through every compiled graph, with the same answers as eager generate."""
-    _, name, reference = real
+    _, name, reference, _ = real
     with tpserve_serve(tmp_path, "--compile") as (url, _, err, _):
         assert "compiled decode" in err.read_text()
         results = _stream_all(url, name)
@@ -665,7 +668,7 @@ def test_compiled_server_gives_the_same_answers(real, tmp_path):
 
 def test_a_new_request_joins_a_running_batch(real):
     """Continuous batching: a short request that arrives during a long one finishes first."""
-    url, name, _ = real
+    url, name, _, _ = real
     long = {"model": name, "prompt": "Count slowly:", "max_tokens": 60, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=url, timeout=120) as c, c.stream("POST", "/v1/completions", json=long) as r:
         lines = r.iter_lines()
@@ -714,3 +717,69 @@ def test_worker_death_ends_requests_and_the_server(tmp_path):
         stderr = err.read_text()
         assert "engine failed" in stderr and "killed by signal 9" in stderr and "Traceback" not in stderr, stderr
         assert _wait_for(lambda: all(_gone(w) for w in workers), 10), "a worker outlived the server"
+
+
+# ---- one request cannot knock the server over -----------------------------------------------
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_huge_body_gets_413_and_costs_the_server_nothing(real):
+    url, name, _, proc = real
+    before = _rss_kb(proc.pid)
+    head = json.dumps({"model": name, "max_tokens": 1})[:-1].encode() + b', "prompt": "'
+    body = head + b"a" * (50 * 2**20) + b'"}'
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert "4,194,304 bytes" in assert_error(r, 413, None, "request_too_large")["message"]
+
+        def chunked():  # no Content-Length: the server counts the bytes as they arrive
+            yield head
+            for _ in range(50):
+                yield b"a" * 2**20
+
+        r = c.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert_error(r, 413, None, "request_too_large")
+        assert c.get("/health").status_code == 200
+        ok = c.post("/v1/completions", json={"model": name, "prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200
+        metrics = _samples(c.get("/metrics").text)
+    assert _rss_kb(proc.pid) - before < 200 * 1024
+    assert metrics[("tpserve_requests_total", (("endpoint", "/v1/completions"), ("status", "413")))] == 1
+
+
+def test_a_two_megabyte_prompt_is_refused_untokenized_while_a_stream_runs(real):
+    url, name, _, _ = real
+    long = {"model": name, "prompt": "Count slowly:", "max_tokens": 40, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    huge = "word " * 400_000  # 2 MB
+    with httpx.Client(base_url=url, timeout=120) as c, c.stream("POST", "/v1/completions", json=long) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        tokenized = _samples(c.get("/metrics").text)[("tpserve_tokenized_characters_total", ())]
+        big = c.post("/v1/completions", json={"model": name, "prompt": huge, "max_tokens": 1})
+        assert "characters" in assert_error(big, 400, "prompt", "context_length_exceeded")["message"]
+        chat = c.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": huge}]})
+        assert_error(chat, 400, "messages", "context_length_exceeded")
+        # neither was tokenized at all: more characters than 2048 tokens can hold is too long already
+        assert _samples(c.get("/metrics").text)[("tpserve_tokenized_characters_total", ())] == tokenized
+        rest = sse([first, *lines])
+    assert rest[-1] == "[DONE]" and rest[-2]["usage"]["completion_tokens"] == 40  # the stream kept going
+    assert rest[-3]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_model_without_tokenizer_takes_token_ids():
+    engine = FakeEngine()
+    engine.tokenizer = None
+    with running(create_app(engine)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        ok = c.post("/v1/completions", json={"model": M, "prompt": [5, 6, 7], "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 3
+        err = assert_error(c.post("/v1/completions", json={"model": M, "prompt": "hi"}), 400, "prompt")
+        assert "--tokenizer" in err["message"]
+        assert_error(c.post("/v1/chat/completions", json={"model": M, "messages": [{"role": "user", "content": "x"}]}),
+                     400, "messages")
+    engine.close()

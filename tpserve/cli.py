@@ -40,6 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree (processes)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--tokenizer", default=None, help="directory to load the tokenizer from (default: the model's; "
+                                                     "a model without tokenizer files takes token ids only)")
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=_positive_int, default=2048,
                    help="longest prompt + completion served (each batch row's KV cache is this long; "
                         "capped at the model's context)")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=None,
+                   help="largest request body accepted, in bytes; larger ones get 413 (default: 4 MiB)")
 
     p = sub.add_parser("convert", help="write a model as a tpserve sharded checkpoint for --tp ranks")
     p.add_argument("src", help="transformers directory, .gguf file or tpserve checkpoint")
@@ -109,7 +113,7 @@ def _generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
-             compile=args.compile) as llm:
+             compile=args.compile, tokenizer=args.tokenizer) as llm:
         prompt = args.prompt
         if args.chat:
             prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
@@ -131,7 +135,7 @@ def _chat(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
-             compile=args.compile) as llm:
+             compile=args.compile, tokenizer=args.tokenizer) as llm:
         print("tpserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
             try:

@@ -345,13 +345,14 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
 
     Every rank of the group calls it; each writes its own file in parallel, rank 0 adds the
     config, tokenizer and manifest and publishes the directory. All ranks return the same path
-    or raise the same error. ``path`` must be on storage every rank can see.
+    or raise the same error. ``path`` must be on storage every rank can see. ``group``
+    defaults to the model's own (a native tpserve model's), else the default group.
     """
     from tpserve.models.layout import param_shards
-    from tpserve.parallel import all_gather_object, broadcast_object, get_group
+    from tpserve.parallel import all_gather_object, broadcast_object, get_group, group_rank, group_size
 
-    group = get_group(group)
-    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    group = get_group(group if group is not None else getattr(model, "group", None))  # a native model knows its own
+    rank, tp = group_rank(group), group_size(group)
     final = Path(path).expanduser().absolute()
     tmp, err = None, None
     if rank == 0:
@@ -608,10 +609,10 @@ def load_sharded_weights(model: nn.Module, path: str | os.PathLike, group: dist.
     Every byte used is CRC-checked first; if any rank fails, every rank raises that error, so
     none waits in a collective. Returns the bytes this rank read.
     """
-    from tpserve.parallel import all_gather_object, get_group
+    from tpserve.parallel import all_gather_object, get_group, group_rank
 
     group = get_group(group)
-    rank = dist.get_rank(group)
+    rank = group_rank(group)
     error, nbytes = None, 0
     try:
         nbytes = _load_local(model, Path(path), rank, threads, progress and rank == 0, zero_copy)
@@ -728,12 +729,10 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, tp: int, *, overw
 
 def _check_against_config(manifest: Manifest) -> None:
     """The manifest's tensors are exactly the model's that config.json describes, full shapes
-    included (skipped inside a process group: ``layout`` needs a process without one)."""
+    included."""
     from tpserve.models.layout import layout
     from tpserve.models.registry import load_config
 
-    if dist.is_initialized():
-        return
     expected = layout(load_config(manifest.path), 1)[0]
     for name, s in expected.items():
         _record(manifest, name, s.full_shape)

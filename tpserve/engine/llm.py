@@ -2,17 +2,27 @@
 
 Local mode (the default): the driver starts ``tensor_parallel_size - 1`` worker processes on
 this machine, each loading its own shard; commands go to them over pipes and every rank then
-runs the command in lockstep. Sampling happens here, on rank 0.
+runs the command in lockstep. Rank 0 computes in the caller's process, in whichever thread
+calls the LLM, with its share of the cores set only for the length of each call (and the
+caller's thread count restored after), so an engine never changes another's settings.
+
+Each local LLM owns its process group, built on a TCP store of its own (not torch's default
+group), its deadline and its workers: any number of engines, of any models and TP degrees,
+can be open in one process and used in turn. A constructor that fails, or is interrupted,
+releases everything it took before it raises.
 
 torchrun mode: when the process was started by torchrun (``WORLD_SIZE`` > 1 in the
 environment), every rank builds the ``LLM`` and makes the same calls, as with vLLM's external
-launcher; rank 0's inputs are broadcast so the ranks cannot disagree. Several machines work
-the same way, through torchrun's rendezvous.
+launcher; the launcher's world is the group, and rank 0's inputs are broadcast so the ranks
+cannot disagree. Several machines work the same way, through torchrun's rendezvous.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import datetime
+import json
 import multiprocessing as mp
 import os
 import time
@@ -23,14 +33,21 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tpserve.parallel import CommError, TensorParallelConfig, broadcast_object, set_default_timeout
-from tpserve.utils.net import free_port
+from tpserve.parallel import (
+    CommError,
+    TensorParallelConfig,
+    broadcast_object,
+    set_group_timeout,
+)
+from tpserve.parallel.config import stateless_group
 
+from .detokenizer import IncrementalDetokenizer, has_tokenizer_files
 from .sampling import SamplingParams, make_generator, sample
 from .worker import execute, worker_main
 
 ENGINE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMM_TIMEOUT", "30"))
 STARTUP_TIMEOUT_S = float(os.environ.get("TPSERVE_STARTUP_TIMEOUT", "600"))
+CONNECT_TIMEOUT_S = 60.0  # ranks already running find each other in well under a second
 
 
 @dataclass
@@ -53,18 +70,36 @@ class WorkerError(RuntimeError):
     """A worker process died or stopped answering; the engine has been shut down."""
 
 
-def init_group(rank: int, world: int, port: int, device: str | None, comm_timeout: float) -> torch.device:
-    """Join the engine's process group; returns this rank's device."""
-    set_default_timeout(comm_timeout)
-    dev = None
-    if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
-    cfg = TensorParallelConfig(rank=rank, world_size=world, local_rank=rank, master_addr="127.0.0.1",
-                               master_port=port, device=dev, timeout_s=max(STARTUP_TIMEOUT_S, comm_timeout))
-    cfg.init()
-    return cfg.device
+def engine_device(device: str | None, rank: int) -> torch.device:
+    """This rank's device: ``cuda`` without an index means one GPU per rank."""
+    from tpserve.models.loading import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and (device is None or torch.device(device).index is None):
+        dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    return dev
+
+
+def join_engine_group(store: dist.Store, rank: int, world: int, device: torch.device,
+                      comm_timeout: float) -> dist.ProcessGroup:
+    """The engine's own process group over ``store`` (see ``config.stateless_group``), with the
+    engine's deadline for its collectives."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Every rank is known alive when this starts (the workers said "started"), so connecting is quick;
+    # a short deadline bounds the wait should one die in between. Then the long one, for compiles.
+    group = stateless_group(store, rank, world, backend, timeout_s=CONNECT_TIMEOUT_S, host="127.0.0.1")
+    group.set_timeout(datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, comm_timeout)))
+    set_group_timeout(group, comm_timeout)
+    return group
+
+
+def engine_store(port: int, world: int, is_master: bool) -> dist.TCPStore:
+    """The engine's rendezvous on loopback: rank 0 serves it on ``port`` (0: any free port,
+    read back from ``store.port``), the workers connect to it."""
+    return dist.TCPStore("127.0.0.1", port, world, is_master=is_master, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S), use_libuv=True)
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
@@ -93,6 +128,44 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def load_tokenizer(model_path: Path, tokenizer: str | os.PathLike | None, skip: bool):
+    """The tokenizer for ``model_path``, or None when the model has no tokenizer files (token-id
+    prompts still work) or ``skip`` is set. ``tokenizer`` names another directory to load it from."""
+    if skip:
+        return None
+    source = model_path
+    if tokenizer is not None:
+        source = Path(tokenizer).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"tokenizer path {str(source)!r} does not exist; pass a directory with "
+                                    f"tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    elif not has_tokenizer_files(model_path):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:  # transformers says many things here; say what to do about it
+        raise ValueError(f"could not load the tokenizer from {source}: {type(exc).__name__}: {exc}; pass "
+                         f"tokenizer=PATH (--tokenizer PATH) to a directory with a working tokenizer, or "
+                         f"skip_tokenizer_init=True to use token-id prompts only") from None
+
+
+def eos_token_ids(model_path: Path, config, tokenizer) -> set[int]:
+    """End-of-sequence ids: generation_config.json's (else config.json's), and the tokenizer's."""
+    ids: set[int] = set()
+    eos = None
+    gen = model_path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def _torchrun_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ or dist.is_initialized() else 1
 
@@ -101,18 +174,34 @@ class LLM:
     """Generate text with a model split over ``tensor_parallel_size`` processes."""
 
     def __init__(self, model: str | os.PathLike | None = None, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 device: str | None = None, comm_timeout: float | None = None, compile: bool = False) -> None:
+                 device: str | None = None, comm_timeout: float | None = None, compile: bool = False,
+                 tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False) -> None:
         """``compile``: run each decode step through ``torch.compile`` (gpt-fast style; measured
-        2.4x faster batch-1 decode than eager on CPU). The first decode of each batch class (one
-        row, 2-4 rows, more) compiles, 5-20 s; prefill stays eager."""
-        from tpserve.models import load_config, load_model
-        from tpserve.models.loading import resolve_device, resolve_dtype
-
-        self._threads_before = torch.get_num_threads()  # restored by close(): TP>1 shares the cores out
+        2.4x faster batch-1 decode than eager on an AMD EPYC CPU). The first decode of each
+        batch class (one row, 2-4 rows, more) compiles, 5-20 s; prefill stays eager.
+        ``tokenizer``: a directory to load the tokenizer from instead of the model's; a model
+        without tokenizer files loads without one (token-id prompts only), as does
+        ``skip_tokenizer_init=True``."""
         self._workers: list[mp.Process] = []
         self._conns: list = []
         self._closed = False
+        self._store: dist.TCPStore | None = None
+        self.group: dist.ProcessGroup | None = None
+        self.model = None
+        self._threads: int | None = None  # rank 0's torch threads during calls (None: leave as is)
         self._state: dict = {}  # rank 0's memory between commands (continuous-batching cache)
+        try:
+            self._start(model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
+                        skip_tokenizer_init)
+        except BaseException:  # bad input, a failed load, a dead worker, Ctrl-C: give everything back
+            self._release()
+            raise
+
+    def _start(self, model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
+               skip_tokenizer_init) -> None:
+        from tpserve.models import load_config, load_model
+        from tpserve.models.loading import resolve_device, resolve_dtype
+
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         self.model_path = resolve_model_path(model)
@@ -122,62 +211,61 @@ class LLM:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is larger than the model's {heads} attention "
                              f"heads; use a TP degree between 1 and {heads}")
         self.tp = tensor_parallel_size
-        dev = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, dev)
-        dtype_name = str(self.dtype).removeprefix("torch.")
+        self.dtype = resolve_dtype(dtype, resolve_device(device))
+        self.skip_tokenizer_init = skip_tokenizer_init
+        self.tokenizer = load_tokenizer(self.model_path, tokenizer, skip_tokenizer_init)  # before any process starts
+        self.eos_ids = eos_token_ids(self.model_path, config, self.tokenizer)
         timeout = comm_timeout if comm_timeout is not None else ENGINE_TIMEOUT_S
         world = _torchrun_world()
-        self.external = world > 1
+        self.external = world > 1  # started by torchrun: every rank runs this constructor
         if self.external:
             if world != tensor_parallel_size:
                 raise ValueError(f"running under torchrun with WORLD_SIZE={world} but tensor_parallel_size="
                                  f"{tensor_parallel_size}; make them equal")
-            set_default_timeout(timeout)
             if not dist.is_initialized():
                 TensorParallelConfig.from_env(device=device, timeout_s=max(STARTUP_TIMEOUT_S, timeout)).init()
             self.rank = dist.get_rank()
+            self.group = dist.group.WORLD
+            set_group_timeout(self.group, timeout)
+            dev = engine_device(device, dist.get_node_local_rank(fallback_rank=self.rank))
         else:
-            if dist.is_initialized():
-                raise RuntimeError("torch.distributed is already initialised in this process: close the other LLM "
-                                   "first (llm.close()), or run under torchrun")
             self.rank = 0
-            port = free_port()
-            threads = max(1, (os.cpu_count() or 1) // self.tp)
-            ctx = mp.get_context("spawn")
-            for rank in range(1, self.tp):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=worker_main, name=f"tpserve-worker-{rank}", daemon=True,
-                                   args=(rank, self.tp, port, str(self.model_path), dtype_name, device, child,
-                                         timeout, threads, bool(compile)))
-                proc.start()
-                self._workers.append(proc)
-                self._conns.append(parent)
-            atexit.register(self.close)
+            dev = engine_device(device, 0)
+            self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:
-                torch.set_num_threads(threads)
-            try:
+                self._threads = max(1, (os.cpu_count() or 1) // self.tp)
+                self._spawn_workers(self._store.port, str(dtype).removeprefix("torch.") if not isinstance(dtype, str)
+                                    else dtype, device, timeout, bool(compile))
                 self._wait_for("started")  # a worker that dies while starting must not leave us in the rendezvous
-                dev = init_group(0, self.tp, port, device, timeout)
-            except BaseException:
-                self.close()
-                raise
+            self.group = join_engine_group(self._store, 0, self.tp, dev, timeout)
         try:
-            self.model = load_model(self.model_path, dtype=self.dtype, device=dev, progress=self.rank == 0,
-                                    decode_layout=dev.type == "cpu", compile=compile)
-            self._wait_for("ready")
-        except BaseException:
-            self.close()
-            raise
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
-        self.eos_ids = _eos_ids(self.model_path, self.tokenizer)
+            with self._rank0_threads():
+                self.model = load_model(self.model_path, dtype=self.dtype, device=dev, group=self.group,
+                                        progress=self.rank == 0, decode_layout=dev.type == "cpu", compile=compile)
+        except CommError as exc:  # say which worker it was, if one died
+            if not self._workers or all(p.is_alive() for p in self._workers):
+                raise
+            raise WorkerError(f"loading failed: a worker process stopped ({self._workers_story()})") from exc
+        self._wait_for("ready")
+        self.vocab_size = self.model.spec.vocab_size
         self.context = self.model.spec.max_position_embeddings
 
+    def _spawn_workers(self, port: int, dtype: str, device: str | None, timeout: float, compile: bool) -> None:
+        ctx = mp.get_context("spawn")
+        atexit.register(self.close)  # workers must not outlive an interpreter that forgot close()
+        for rank in range(1, self.tp):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, name=f"tpserve-worker-{rank}", daemon=True,
+                               args=(rank, self.tp, port, str(self.model_path), dtype, device, child,
+                                     timeout, self._threads, compile))
+            self._workers.append(proc)
+            self._conns.append(parent)
+            proc.start()
     # ---- public API ---------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); all prompts run as one batch."""
+        """Complete each prompt (a string or a list of token ids); all prompts run as one batch.
+        Without a tokenizer, prompts must be token ids and the outputs' ``text`` is empty."""
         return self._generate(prompts, sampling_params)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -194,7 +282,7 @@ class LLM:
                 raise ValueError(f"sequence {i} has {len(p)} tokens; the model's context is {self.context}")
         out = self._run(("logits", prompts))
         if self.external:
-            out = broadcast_object(out if self.rank == 0 else None, 0)
+            out = broadcast_object(out if self.rank == 0 else None, 0, self.group)
         return out
 
     def save_sharded(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -207,9 +295,10 @@ class LLM:
         return self._run(("save", str(path), overwrite))
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+        tokenizer = self._need_tokenizer("a chat conversation")
+        if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"{self.model_path} has no chat template; use generate() with a plain prompt")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def close(self) -> None:
         """Stop the workers and leave the process group; safe to call twice."""
@@ -235,12 +324,31 @@ class LLM:
     # ---- internals ----------------------------------------------------------------------
 
     def _release(self) -> None:
-        """Kill what is left of the workers, leave the process group, give the cores back."""
+        """Kill what is left of the workers, drop the group and store, forget the atexit hook:
+        after this the process holds nothing of this engine (a failed constructor ends here too)."""
         self._closed = True
         self._kill_workers()
-        if dist.is_initialized() and not self.external:
-            dist.destroy_process_group()
-        torch.set_num_threads(self._threads_before)
+        if self.group is not None:
+            set_group_timeout(self.group, None)
+            if not self.external:
+                with contextlib.suppress(Exception):  # already broken when a peer died
+                    self.group.shutdown()
+        self.group = self._store = self.model = None
+        self._state = {}
+        atexit.unregister(self.close)
+
+    @contextlib.contextmanager
+    def _rank0_threads(self):
+        """Rank 0's share of the cores for the length of one call, then the caller's count again."""
+        if self._threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self._threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def _kill_workers(self) -> None:
         for proc in self._workers:
@@ -248,18 +356,25 @@ class LLM:
                 proc.kill()
         for proc in self._workers:
             proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
         self._workers, self._conns = [], []
 
     def _wait_for(self, what: str) -> None:
         """Every worker's ``what`` message, noticing at once a worker that dies first."""
+        hint = ("; if a script creates this LLM, it needs an `if __name__ == \"__main__\":` guard, because "
+                "worker processes are spawned and re-import the main module") if what == "started" else ""
         for rank, (proc, conn) in enumerate(zip(self._workers, self._conns), start=1):
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while not conn.poll(0.1):
-                if not proc.is_alive() or time.monotonic() > deadline:
-                    hint = ("; if a script creates this LLM, it needs an `if __name__ == \"__main__\":` guard, "
-                            "because worker processes are spawned and re-import the main module") if what == "started" else ""
-                    raise WorkerError(f"worker rank {rank} failed to start: {self._worker_story(rank, proc, conn)}{hint}")
-            msg = conn.recv()
+            msg = None
+            while msg is None and proc.is_alive() and time.monotonic() < deadline:
+                try:
+                    msg = conn.recv() if conn.poll(0.1) else None
+                except (EOFError, OSError):  # the worker is gone: say how, once it has finished going
+                    proc.join(timeout=5)
+                    break
+            if msg is None:
+                raise WorkerError(f"worker rank {rank} failed to start: {self._worker_story(rank, proc, conn)}{hint}")
             if msg[0] != what:
                 raise WorkerError(f"worker rank {rank} failed to start: {msg[1]}")
 
@@ -282,14 +397,15 @@ class LLM:
         if self._closed:
             raise RuntimeError("this LLM has been closed; create a new one")
         if self.external:
-            cmd = broadcast_object(cmd if self.rank == 0 else None, 0)
+            cmd = broadcast_object(cmd if self.rank == 0 else None, 0, self.group)
             return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
         for rank, (proc, conn) in enumerate(zip(self._workers, self._conns), start=1):
             if not proc.is_alive():
                 self._fail(cmd[0], None)
             conn.send(cmd)
         try:
-            return execute(self.model, cmd, choose, on_step, self._state)
+            with self._rank0_threads():
+                return execute(self.model, cmd, choose, on_step, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
                 raise
@@ -298,26 +414,37 @@ class LLM:
             self.close()
             raise
 
-    def _fail(self, what: str, exc: BaseException | None):
+    def _workers_story(self) -> str:
+        """What happened to the workers that stopped (all of them, if none has)."""
         time.sleep(0.5)  # let a dying worker finish dying, so we can say which one it was
         stories = [f"rank {r}: {self._worker_story(r, p, c)}"
                    for r, (p, c) in enumerate(zip(self._workers, self._conns), start=1)]
-        dead = [s for s in stories if "alive" not in s]
+        return "; ".join([s for s in stories if "alive" not in s] or stories)
+
+    def _fail(self, what: str, exc: BaseException | None):
+        detail = self._workers_story()
         self._release()
-        detail = "; ".join(dead or stories)
         raise WorkerError(f"{what} failed: a worker process stopped ({detail}); all tpserve processes were stopped, "
                           f"create a new LLM to continue") from exc
 
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            why = ("skip_tokenizer_init=True was given" if self.skip_tokenizer_init
+                   else f"no tokenizer was found in the model directory {self.model_path}")
+            raise ValueError(f"{what} needs a tokenizer, but {why}; pass tokenizer=PATH (CLI and server: "
+                             f"--tokenizer PATH) to a directory with tokenizer files, or give prompts as token ids")
+        return self.tokenizer
+
     def _encode(self, prompt, i: int, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            ids = self._need_tokenizer(f"prompt {i} (text)")(prompt, add_special_tokens=add_special_tokens)["input_ids"]
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
             return prompt, ids
         return None, self._check_ids(list(prompt), i)
 
     def _check_ids(self, ids: list[int], i: int) -> list[int]:
-        vocab = self.model.spec.vocab_size
+        vocab = self.vocab_size
         if not ids:
             raise ValueError(f"prompt {i} is empty")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
@@ -358,7 +485,7 @@ class LLM:
             outs = [RequestOutput(prompt, ids, [CompletionOutput(0, st.text, st.token_ids, st.reason)])
                     for (prompt, ids), st in zip(encoded, states)]
         if self.external:
-            outs = broadcast_object(outs, 0)
+            outs = broadcast_object(outs, 0, self.group)
         return outs
 
 
@@ -366,8 +493,11 @@ class _Request:
     """Rank 0's view of one sequence being generated: sampling state, text and stop checks."""
 
     def __init__(self, llm: LLM, params: SamplingParams, budget: int) -> None:
+        if params.stop and llm.tokenizer is None:
+            llm._need_tokenizer("stop strings")
         self.llm, self.params, self.budget = llm, params, budget
         self.generator = make_generator(params)
+        self.detok = IncrementalDetokenizer(llm.tokenizer) if llm.tokenizer is not None else None
         self.token_ids: list[int] = []
         self.text, self.delta, self.reason = "", "", None
         self._emitted = 0
@@ -381,9 +511,12 @@ class _Request:
         self.delta = ""
         if token in self.llm.eos_ids and not self.params.ignore_eos:
             self.reason = "stop"
+            self._publish(self._whole_text())
             return token
         self.token_ids.append(token)
-        text = self.llm.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self.detok is not None:
+            self.detok.add(token)
+        text = self.detok.text if self.detok is not None else ""
         for stop in self.params.stop:
             at = text.find(stop, max(0, self._emitted - len(stop)))
             if at >= 0:
@@ -391,24 +524,20 @@ class _Request:
                 break
         if self.reason is None and len(self.token_ids) >= self.budget:
             self.reason = "length"
-        stable = text if self.reason else text.rstrip("\ufffd")
+            text = self._whole_text()
+        shown = text
         if self.reason is None and self.params.stop:  # hold back what could be the start of a stop string
             keep = max(len(s) for s in self.params.stop) - 1
-            stable = stable[:max(self._emitted, len(stable) - keep)]
-        self.delta = stable[self._emitted:]
-        self._emitted = len(stable)
-        self.text = text
+            shown = text[:max(self._emitted, len(text) - keep)]
+        self._publish(shown, text)
         return token
 
+    def _whole_text(self) -> str:
+        """All the text, an incomplete last character included (the sequence is over)."""
+        return self.detok.text + self.detok.tail if self.detok is not None else ""
 
-def _eos_ids(path: Path, tokenizer) -> set[int]:
-    ids = set()
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        import json
-
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+    def _publish(self, shown: str, text: str | None = None) -> None:
+        """``shown`` is what the caller may see so far; ``delta`` the part it has not seen yet."""
+        self.delta = shown[self._emitted:]
+        self._emitted = max(self._emitted, len(shown))
+        self.text = shown if text is None else text

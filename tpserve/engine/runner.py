@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tpserve.parallel import broadcast_tensor
+from tpserve.parallel import broadcast_tensor, group_rank
 
 from .kv_cache import allocate_kv_cache
 
@@ -82,7 +82,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | l
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
     step = model.make_step(pos.clamp(min=0), key_pos[:, :width], 0, dtype)
     logits = model(ids, step, cache, last_only=True, gather="rank0")
-    is_rank0 = dist.get_rank(model.group) == 0
+    is_rank0 = group_rank(model.group) == 0
     finished = torch.zeros(batch, dtype=torch.bool)
     chosen = []
     packet = torch.zeros(batch + 1, dtype=torch.long, device=device)  # tokens, then "all done"

@@ -46,11 +46,12 @@ class ServingEngine:
 
     def __init__(self, model=None, tensor_parallel_size: int = 1, dtype: str = "auto", device: str | None = None,
                  max_batch: int = 16, max_model_len: int = 2048,
-                 on_fatal: Callable[[str], None] | None = None, compile: bool = False) -> None:
+                 on_fatal: Callable[[str], None] | None = None, compile: bool = False,
+                 tokenizer: str | None = None, skip_tokenizer_init: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
-                       compile=compile)
+                       compile=compile, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init)
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_path.name
         self.context = min(self.llm.context, max_model_len)

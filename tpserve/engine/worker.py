@@ -67,15 +67,17 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     parent = os.getppid()
     try:
-        conn.send(("started", None))  # the driver waits for this before its rendezvous
         _thread_lock_for_tqdm()
         torch.set_num_threads(threads)
-        from tpserve.engine.llm import init_group
+        from tpserve.engine.llm import engine_device, engine_store, join_engine_group
         from tpserve.models import load_model
 
-        dev = init_group(rank, world, port, device, comm_timeout)
-        model = load_model(model_path, dtype=dtype, device=dev, progress=False, decode_layout=dev.type == "cpu",
-                           compile=compile_decode)
+        dev = engine_device(device, rank)
+        store = engine_store(port, world, is_master=False)
+        conn.send(("started", None))  # the driver waits for every worker to get here before its rendezvous
+        group = join_engine_group(store, rank, world, dev, comm_timeout)
+        model = load_model(model_path, dtype=dtype, device=dev, group=group, progress=False,
+                           decode_layout=dev.type == "cpu", compile=compile_decode)
         conn.send(("ready", None))
         state: dict = {}
         while True:

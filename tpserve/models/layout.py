@@ -1,8 +1,8 @@
 """How a model's tensors are cut at a TP degree, asked of the layers themselves.
 
 ``param_shards`` reads one live rank's model; ``layout`` builds the model on the meta device
-once per rank under torch's in-process "fake" backend, so any TP degree can be described
-(``tpserve inspect``, checkpoint conversion) without starting a process.
+once per rank with a fake group of its own, so any TP degree can be described (``tpserve
+inspect``, checkpoint conversion) without starting a process, inside a process group or not.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tpserve.parallel.layers import _TPModule
@@ -42,19 +41,13 @@ def param_shards(model: nn.Module) -> dict[str, Shard]:
 
 def layout(config, tp: int) -> list[dict[str, Shard]]:
     """``param_shards`` of every rank at TP degree ``tp``, computed in this process."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch._C._distributed_c10d import FakeProcessGroup
 
     from .registry import model_class
 
-    if dist.is_initialized():
-        raise RuntimeError("layout() needs a process without an initialised process group")
     cls = model_class(config)
     ranks = []
     for rank in range(tp):
-        dist.init_process_group("fake", rank=rank, world_size=tp, store=FakeStore())
-        try:
-            with torch.device("meta"):
-                ranks.append(param_shards(cls(config)))
-        finally:
-            dist.destroy_process_group()
+        with torch.device("meta"):  # the layers only ask the group for its rank and size
+            ranks.append(param_shards(cls(config, group=FakeProcessGroup._create_internal(rank, tp))))
     return ranks

@@ -27,6 +27,8 @@ from tpserve.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     get_group,
+    group_rank,
+    group_size,
     head_ranges,
 )
 from tpserve.parallel.comm import patience
@@ -175,7 +177,7 @@ def _kv_of_q(spec: Spec, tp: int, rank: int) -> list[int]:
 class Attention(nn.Module):
     def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
         super().__init__()
-        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        tp, rank = group_size(group), group_rank(group)
         hd, h = spec.head_dim, spec.hidden_size
         (q0, q1), (kv0, kv1) = head_ranges(spec.num_heads, spec.num_kv_heads, tp, rank)
         self.head_dim, self.num_local_heads, self.num_local_kv = hd, q1 - q0, kv1 - kv0
@@ -269,6 +271,21 @@ def _head_step(model: "LlamaForCausalLM", x: torch.Tensor, gather: bool | str) -
     return model.lm_head(model.model.norm(x), gather_output=gather)
 
 
+@contextlib.contextmanager
+def _compile_settings():
+    """Dynamo settings for the compiled decode step, set around each compiled call (compiles
+    happen inside calls) rather than for the whole process: a higher recompile limit, since
+    several models (or engines) share the step functions, and no duck sizing, which would
+    otherwise assume for good that two sizes equal on the first call (a 3-column cache and 3
+    KV heads) are always equal, and recompile when they differ."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    limit = max(torch._dynamo.config.recompile_limit, 64)
+    with torch._dynamo.config.patch(recompile_limit=limit), fx_config.patch(use_duck_shape=False):
+        yield
+
+
 def _check_cpp_compiler(device: torch.device) -> None:
     import shutil
 
@@ -299,18 +316,11 @@ class LlamaForCausalLM(nn.Module):
         Every decoder layer runs the same compiled function (regional compilation), so it
         compiles once, in seconds, instead of once per layer. Batch and cache length are dynamic,
         so a model compiles at most three graphs (see :meth:`decode_graph`) on first use; prefill
-        stays eager. Process-wide effects: dynamo's recompile limit is raised to 64, duck sizing
-        is turned off, and changing ``torch.set_num_threads`` afterwards recompiles.
+        stays eager. The compiler settings it needs (:func:`_compile_settings`) hold only while a
+        compiled step runs, so the rest of the process keeps its own; running under a different
+        ``torch.set_num_threads`` than the first call recompiles.
         """
-        import torch._dynamo
-        import torch.fx.experimental._config as fx_config
-
         _check_cpp_compiler(self.model.norm.weight.device)
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 64)  # several models in one process
-        # No duck sizing: otherwise two sizes that happen to be equal on the first call (a
-        # 3-column cache and 3 KV heads) are assumed equal for good, and breaking that recompiles.
-        fx_config.use_duck_shape = False
         self.compiled_graphs: set[str] = set()
         self._decode_layer = torch.compile(_layer_step, dynamic=True)
         self._decode_head = torch.compile(_head_step, dynamic=True)
@@ -367,7 +377,7 @@ class LlamaForCausalLM(nn.Module):
             graph = self.decode_graph(input_ids.shape[0])
             # a graph's first call compiles, so peers may reach each collective a compile's length apart
             first = graph not in self.compiled_graphs
-            with patience(COMPILE_TIMEOUT_S) if first else contextlib.nullcontext():
+            with _compile_settings(), patience(COMPILE_TIMEOUT_S, self.group) if first else contextlib.nullcontext():
                 out = self._forward(input_ids, step, kv_cache, last_only, gather, True)
             self.compiled_graphs.add(graph)
             return out

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
-from tpserve.parallel import all_gather_object, get_group
+from tpserve.parallel import all_gather_object, get_group, group_rank
 from tpserve.parallel.layers import load_shard
 
 from .registry import load_config, model_class
@@ -58,7 +58,7 @@ def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | 
     if is_checkpoint(path):  # a tpserve sharded checkpoint: the rank's own file, or a reshard
         return load_sharded_weights(model, path, group, threads, progress)
     group = get_group(group)
-    rank = dist.get_rank(group)
+    rank = group_rank(group)
     error, nbytes = None, 0
     try:
         nbytes = _load_local(model, path, threads, progress and rank == 0)

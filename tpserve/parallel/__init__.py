@@ -10,9 +10,12 @@ from .comm import (
     broadcast_tensor,
     gather_to_rank0,
     get_group,
+    group_rank,
+    group_size,
+    group_timeout,
+    patience,
     set_default_timeout,
-    tp_rank,
-    tp_size,
+    set_group_timeout,
 )
 from .config import TensorParallelConfig, init_distributed
 from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
@@ -22,7 +25,8 @@ from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_re
 
 __all__ = [
     "CommError", "all_gather", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "broadcast_tensor",
-    "gather_to_rank0", "get_group", "set_default_timeout", "tp_rank", "tp_size",
+    "gather_to_rank0", "get_group", "group_rank", "group_size", "group_timeout", "patience", "set_default_timeout",
+    "set_group_timeout",
     "TensorParallelConfig", "init_distributed",
     "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "VocabParallelEmbedding",
     "DistributedModelWrapper", "infer_plan", "parallelize",

@@ -1,8 +1,11 @@
-"""Collectives with deadlines.
+"""Collectives with deadlines, on any process group.
 
-Every function here waits at most ``timeout`` seconds (default: ``TPSERVE_COMM_TIMEOUT`` or 300)
-and turns a dead or silent peer into a :class:`CommError` that says which rank was waiting
-and for whom, instead of hanging forever.
+Every function here waits at most ``timeout`` seconds (default: the group's own deadline, set
+by the engine that owns it, else ``TPSERVE_COMM_TIMEOUT`` or 300) and turns a dead or silent
+peer into a :class:`CommError` that says which rank was waiting and for whom, instead of
+hanging forever. Groups are asked for their rank and size themselves, so a group built
+without torch's default group (an engine's own, see ``config.stateless_group``) works
+everywhere the default one does.
 """
 
 from __future__ import annotations
@@ -22,45 +25,68 @@ class CommError(RuntimeError):
     """A collective failed or timed out: a peer process has exited or hung."""
 
 
+# A group's own deadline, when its owner (an engine) set one; other groups use the process default.
+# Keyed by the group object: several engines in one process keep their own deadlines.
+_group_timeouts: dict[object, float] = {}
+
+
 def set_default_timeout(seconds: float) -> None:
-    """Deadline for every later collective that is not given its own."""
+    """Deadline for every later collective on a group without a deadline of its own."""
     _config.DEFAULT_TIMEOUT_S = float(seconds)
 
 
+def set_group_timeout(group: dist.ProcessGroup, seconds: float | None) -> None:
+    """Give ``group`` its own deadline (None: back to the process default)."""
+    if seconds is None:
+        _group_timeouts.pop(group, None)
+    else:
+        _group_timeouts[group] = float(seconds)
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> float:
+    return _group_timeouts.get(get_group(group), _config.DEFAULT_TIMEOUT_S)
+
+
 @contextlib.contextmanager
-def patience(seconds: float):
-    """Wait up to ``seconds`` (if longer than the default) in the collectives run inside: for
-    steps where peers do slow one-off work, such as torch.compile compiling a new shape."""
-    before = _config.DEFAULT_TIMEOUT_S
-    _config.DEFAULT_TIMEOUT_S = max(before, float(seconds))
+def patience(seconds: float, group: dist.ProcessGroup | None = None):
+    """Wait up to ``seconds`` (if longer than its deadline) in ``group``'s collectives run inside:
+    for steps where peers do slow one-off work, such as torch.compile compiling a new shape.
+    Other groups in the process keep their deadlines."""
+    group = get_group(group)
+    before = _group_timeouts.get(group)
+    _group_timeouts[group] = max(group_timeout(group), float(seconds))
     try:
         yield
     finally:
-        _config.DEFAULT_TIMEOUT_S = before
+        set_group_timeout(group, before)
 
 
 def get_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
-    """``group``, or the default (world) group; a clear error if none exists yet."""
+    """``group``, or the default (world) group; a clear error if neither exists."""
+    if group is not None:
+        return group
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialised: call tpserve.parallel.init_distributed() "
             "(or torch.distributed.init_process_group) before building or running tensor-parallel "
-            "layers, or launch with torchrun"
+            "layers, launch with torchrun, or pass the layers a group of their own"
         )
-    return group if group is not None else dist.group.WORLD
+    return dist.group.WORLD
 
 
-def tp_rank(group: dist.ProcessGroup | None = None) -> int:
-    return dist.get_rank(get_group(group))
+def group_rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (asked of the group: ``group.rank()`` only knows
+    groups made through torch's default group)."""
+    return get_group(group).rank()
 
 
-def tp_size(group: dist.ProcessGroup | None = None) -> int:
-    return dist.get_world_size(get_group(group))
+def group_size(group: dist.ProcessGroup | None = None) -> int:
+    return get_group(group).size()
 
 
 def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     """Device that tensors must live on for this group's backend (CUDA for NCCL)."""
-    backend = dist.get_backend(get_group(group))
+    backend = get_group(group).name()
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -73,27 +99,31 @@ def _eager(fn):
 
 
 def _wait(work: dist.Work, op: str, group: dist.ProcessGroup, timeout: float | None) -> None:
-    seconds = _config.DEFAULT_TIMEOUT_S if timeout is None else timeout
+    seconds = group_timeout(group) if timeout is None else timeout
     start = time.monotonic()
     try:
         work.wait(timeout=datetime.timedelta(seconds=seconds))
     except Exception as exc:  # gloo raises RuntimeError, NCCL DistBackendError
-        me = dist.get_rank()
-        peers = [r for r in dist.get_process_group_ranks(group) if r != me]
         elapsed = time.monotonic() - start
-        what = "timed out" if elapsed >= seconds * 0.95 else "failed"
-        raise CommError(
-            f"{op} on rank {me} {what} after {elapsed:.1f}s (limit {seconds:g}s) waiting for rank(s) {peers}: "
-            f"a peer process exited, crashed or hung. Check the other ranks' logs; raise "
-            f"TPSERVE_COMM_TIMEOUT if they are just slow. ({exc})"
-        ) from exc
+        peers = [r for r in range(group.size()) if r != group.rank()]
+        _raise_comm_error(op, group, "timed out" if elapsed >= seconds * 0.95 else "failed", elapsed, seconds,
+                          peers, str(exc), exc)
+
+
+def _raise_comm_error(op: str, group, what: str, elapsed: float, seconds: float, peers: list[int], detail: str,
+                      cause: BaseException | None = None):
+    raise CommError(
+        f"{op} on rank {group.rank()} {what} after {elapsed:.1f}s (limit {seconds:g}s) waiting for rank(s) {peers}: "
+        f"a peer process exited, crashed or hung. Check the other ranks' logs; raise "
+        f"TPSERVE_COMM_TIMEOUT if they are just slow. ({detail})"
+    ) from cause
 
 
 @_eager
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> torch.Tensor:
     """Sum ``tensor`` over the group, in place; returns it."""
     group = get_group(group)
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return tensor
     _wait(dist.all_reduce(tensor, group=group, async_op=True), "all_reduce_sum", group, timeout)
     return tensor
@@ -109,7 +139,7 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | N
     which gloo supports, instead of all_gather_into_tensor, which it does not.
     """
     group = get_group(group)
-    world = dist.get_world_size(group)
+    world = group.size()
     if world == 1:
         return tensor
     dim = dim % tensor.dim()
@@ -118,7 +148,7 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | N
         parts = [torch.empty_like(mine) for _ in range(world)]
         _wait(dist.all_gather(parts, mine, group=group, async_op=True), "all_gather(sizes)", group, timeout)
         sizes = [int(p.item()) for p in parts]
-    if len(sizes) != world or sizes[dist.get_rank(group)] != tensor.shape[dim]:
+    if len(sizes) != world or sizes[group.rank()] != tensor.shape[dim]:
         raise ValueError(f"all_gather: sizes {sizes} do not match this rank's piece of size {tensor.shape[dim]} along dim {dim}")
     biggest = max(sizes)
     x = tensor.contiguous()
@@ -135,7 +165,7 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGrou
                      timeout: float | None = None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with group-rank ``src``'s; returns it."""
     group = get_group(group)
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return tensor
     _wait(dist.broadcast(tensor, group=group, group_src=src, async_op=True), "broadcast_tensor", group, timeout)
     return tensor
@@ -145,10 +175,10 @@ def broadcast_object(obj: object = None, src: int = 0, group: dist.ProcessGroup 
                      timeout: float | None = None) -> object:
     """Send a picklable object from group-rank ``src`` to all; every rank returns it."""
     group = get_group(group)
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return obj
     device = comm_device(group)
-    is_src = dist.get_rank(group) == src
+    is_src = group.rank() == src
     payload = pickle.dumps(obj) if is_src else b""
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
     broadcast_tensor(size, src, group, timeout)
@@ -160,15 +190,14 @@ def broadcast_object(obj: object = None, src: int = 0, group: dist.ProcessGroup 
     return obj if is_src else pickle.loads(buf.cpu().numpy().tobytes())
 
 
-
 def all_gather_object(obj: object, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> list:
     """Every rank's picklable ``obj``, in group-rank order, on every rank."""
     group = get_group(group)
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return [obj]
     device = comm_device(group)
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-    world = dist.get_world_size(group)
+    world = group.size()
     sizes = all_gather(torch.tensor([payload.numel()], device=device), 0, group, [1] * world, timeout).tolist()
     parts = all_gather(payload, 0, group, sizes, timeout)
     out, at = [], 0
@@ -177,12 +206,13 @@ def all_gather_object(obj: object, group: dist.ProcessGroup | None = None, timeo
         at += n
     return out
 
+
 @_eager
 def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None,
                     timeout: float | None = None) -> torch.Tensor | None:
     """Concatenate the last-dim pieces on group-rank 0 only (inference; no autograd)."""
     group = get_group(group)
-    world = dist.get_world_size(group)
+    world = group.size()
     if world == 1:
         return x
     biggest = max(sizes)
@@ -190,7 +220,7 @@ def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup 
     if x.shape[-1] < biggest:
         x = torch.cat([x, x.new_zeros(*x.shape[:-1], biggest - x.shape[-1])], dim=-1)
     x = x.contiguous()
-    rank = dist.get_rank(group)
+    rank = group.rank()
     out = [torch.empty_like(x) for _ in range(world)] if rank == 0 else None
     _wait(dist.gather(x, out, group=group, group_dst=0, async_op=True), "gather_to_rank0", group, timeout)
     if rank != 0:
@@ -201,5 +231,5 @@ def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup 
 def barrier(group: dist.ProcessGroup | None = None, timeout: float | None = None) -> None:
     """Wait until every rank of the group arrives (a tiny all-reduce, so it honours the deadline)."""
     group = get_group(group)
-    if dist.get_world_size(group) > 1:
+    if group.size() > 1:
         all_reduce_sum(torch.zeros(1, device=comm_device(group)), group, timeout)

@@ -1,4 +1,4 @@
-"""Where this process sits in the world, read from the torchrun variables."""
+"""Where this process sits in the world: torchrun's variables, or a group of its own."""
 
 from __future__ import annotations
 
@@ -106,15 +106,55 @@ class TensorParallelConfig:
                 f"but this config says rank {self.rank} of {self.world_size}: use one or the other"
             )
         if self.tp_size == self.world_size:
-            return dist.group.WORLD
-        mine = None
-        for first in range(0, self.world_size, self.tp_size):  # every rank must create every group
-            g = dist.new_group(list(range(first, first + self.tp_size)))
-            if first <= self.rank < first + self.tp_size:
-                mine = g
+            mine = dist.group.WORLD
+        else:
+            for first in range(0, self.world_size, self.tp_size):  # every rank must create every group
+                g = dist.new_group(list(range(first, first + self.tp_size)))
+                if first <= self.rank < first + self.tp_size:
+                    mine = g
         return mine
 
 
 def init_distributed(backend: str | None = None, tp_size: int | None = None, timeout_s: float | None = None) -> dist.ProcessGroup:
     """One-line setup for torchrun scripts: ``group = tpserve.parallel.init_distributed()``."""
     return TensorParallelConfig.from_env(backend=backend, tp_size=tp_size, timeout_s=timeout_s).init()
+
+
+def stateless_group(store: dist.Store, rank: int, world: int, backend: str = "gloo",
+                    timeout_s: float = DEFAULT_TIMEOUT_S, host: str | None = None) -> dist.ProcessGroup:
+    """A process group built directly on ``store``, outside torch's default group.
+
+    Any number of these live in one process (one per engine, each with its own store and
+    peers), and none of them makes ``torch.distributed.is_initialized()`` true, so torchrun
+    scripts and other libraries are not disturbed. Ask it for its rank and size with
+    ``group.rank()`` / ``group.size()`` (``comm.group_rank``): ``dist.get_rank(group)`` only
+    knows groups made through the default group. Dropping the last reference closes it.
+    ``host``: the address gloo connects on (``127.0.0.1`` keeps a one-machine group on
+    loopback); by default gloo picks one from the hostname.
+    """
+    from torch._C._distributed_c10d import ProcessGroup
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    pg = ProcessGroup(store, rank, world)
+    if backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        options = ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [ProcessGroupGloo.create_device(hostname=host) if host
+                             else ProcessGroupGloo.create_default_device()]
+        impl = ProcessGroupGloo(store, rank, world, options)
+        kind, device = ProcessGroup.BackendType.GLOO, torch.device("cpu")
+    elif backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        impl = ProcessGroupNCCL(store, rank, world, options)
+        kind, device = ProcessGroup.BackendType.NCCL, torch.device("cuda")
+    else:
+        raise ValueError(f"backend {backend!r} is not supported for an engine's own group; use gloo or nccl")
+    pg._set_default_backend(kind)
+    impl._set_sequence_number_for_group()
+    pg._register_backend(device, kind, impl)
+    return pg

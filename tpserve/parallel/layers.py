@@ -88,8 +88,8 @@ class _TPModule(nn.Module):
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.group = comm.get_group(group)
-        self.tp_rank = dist.get_rank(self.group)
-        self.tp_size = dist.get_world_size(self.group)
+        self.tp_rank = comm.group_rank(self.group)
+        self.tp_size = comm.group_size(self.group)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
         """``(dim, start, end, full_size)``: which slice of the full tensor ``param`` holds

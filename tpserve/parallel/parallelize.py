@@ -165,7 +165,7 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, group: dis
     and that module's head-count attributes are set to this rank's counts.
     """
     group = comm.get_group(group)
-    tp = dist.get_world_size(group)
+    tp = comm.group_size(group)
     strict = plan is not None
     if plan is None:
         plan = transformers_plan(model) or infer_plan(model)

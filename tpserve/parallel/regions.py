@@ -22,7 +22,7 @@ from . import comm
 
 
 def _my_slice(x: torch.Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    rank = dist.get_rank(group)
+    rank = comm.group_rank(group)
     if sum(sizes) != x.shape[dim]:
         raise ValueError(
             f"cannot split a tensor of size {x.shape[dim]} along dim {dim} into pieces {sizes}: "
@@ -76,21 +76,21 @@ class _ScatterToTP(torch.autograd.Function):
 
 def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _CopyToTP.apply(x, group) if dist.get_world_size(group) > 1 else x
+    return _CopyToTP.apply(x, group) if comm.group_size(group) > 1 else x
 
 
 def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _ReduceFromTP.apply(x, group) if dist.get_world_size(group) > 1 else x
+    return _ReduceFromTP.apply(x, group) if comm.group_size(group) > 1 else x
 
 
 def gather_from_tp_region(x: torch.Tensor, sizes: list[int], dim: int = -1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _GatherFromTP.apply(x, dim % x.dim(), list(sizes), group) if dist.get_world_size(group) > 1 else x
+    return _GatherFromTP.apply(x, dim % x.dim(), list(sizes), group) if comm.group_size(group) > 1 else x
 
 
 def scatter_to_tp_region(x: torch.Tensor, sizes: list[int], dim: int = -1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    if dist.get_world_size(group) == 1:
+    if comm.group_size(group) == 1:
         return x
     return _ScatterToTP.apply(x, dim % x.dim(), list(sizes), group)

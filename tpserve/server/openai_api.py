@@ -32,7 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tpserve.engine.detokenizer import max_token_chars
 from tpserve.engine.sampling import SamplingParams
+
+from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyTooLarge, PromptTooLong, Tokenizing, counted, declared_too_large, drain
 
 POLL_S = 0.5  # how often a waiting request re-checks engine health (a safety net: the engine also sends "error")
 UNHEALTHY_GRACE_S = 2.0  # after the engine fails, keep answering 503s this long, then exit
@@ -62,6 +65,10 @@ class APIError(Exception):
 
 class EngineFailed(Exception):
     """The engine stopped (a worker died) while this request was waiting on it."""
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, str(BodyTooLarge(limit)), code="request_too_large")
 
 
 def _engine_error(message: str) -> APIError:
@@ -224,7 +231,23 @@ def _sampling_params(req: _GenerationRequest, max_tokens: int | None, longest_pr
         raise APIError(400, str(exc), code="invalid_value") from None
 
 
-def _completion_prompts(engine, req: CompletionRequest) -> list[list[int]]:
+def _need_tokenizer(engine, what: str, param: str) -> None:
+    if engine.tokenizer is None:
+        raise APIError(400, f"{what} needs a tokenizer, but the model '{engine.model_name}' was loaded without one; "
+                            f"send token ids, or restart the server with --tokenizer PATH", param=param,
+                       code="unsupported_value")
+
+
+async def _encode(tok: Tokenizing, engine, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``; a text longer than the context could hold is refused untokenized."""
+    try:
+        return await tok.encode(text, add_special_tokens)
+    except PromptTooLong as exc:
+        raise APIError(400, f"this model's maximum context length is {engine.context} tokens, but {exc}; "
+                            f"shorten the prompt", param=param, code="context_length_exceeded") from None
+
+
+async def _completion_prompts(engine, tok: Tokenizing | None, req: CompletionRequest) -> list[list[int]]:
     """OpenAI's four prompt shapes -> one list of token ids per prompt."""
     prompt = req.prompt
     if isinstance(prompt, str):
@@ -237,14 +260,18 @@ def _completion_prompts(engine, req: CompletionRequest) -> list[list[int]]:
         raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
     out = []
     for i, p in enumerate(prompts):
-        ids = engine.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            _need_tokenizer(engine, "a text prompt", "prompt")
+            ids = await _encode(tok, engine, p, "prompt")
+        else:
+            ids = list(p)
         if not ids:
             raise APIError(400, f"prompt {i} is empty", param="prompt", code="invalid_value")
         out.append(ids)
     return out
 
 
-def _chat_prompt(engine, req: ChatRequest) -> list[int]:
+async def _chat_prompt(engine, tok: Tokenizing | None, req: ChatRequest) -> list[int]:
     """The conversation through the model's chat template, ready for the assistant's turn."""
     if req.tools:
         raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_value")
@@ -262,15 +289,22 @@ def _chat_prompt(engine, req: ChatRequest) -> list[int]:
                 texts.append(part["text"])
             content = "\n".join(texts)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    _need_tokenizer(engine, "a chat request", "messages")
     if not getattr(engine.tokenizer, "chat_template", None):
         raise APIError(400, f"the model '{engine.model_name}' has no chat template; use /v1/completions",
                        param="messages", code="unsupported_value")
+    chars = sum(len(m["content"]) for m in messages)
+    if tok.too_long(chars):  # before the template: it would copy megabytes too
+        raise APIError(400, f"this model's maximum context length is {engine.context} tokens, but the messages "
+                            f"have {chars:,} characters, more than that many tokens can hold; shorten them",
+                       param="messages", code="context_length_exceeded")
     try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = await tok.run(lambda: engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                          tokenize=False))
     except Exception as exc:  # the template's own checks (e.g. roles must alternate)
         raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages",
                        code="invalid_value") from None
-    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return await _encode(tok, engine, text, "messages", add_special_tokens=False)
 
 
 # ---- metrics -----------------------------------------------------------------------------
@@ -286,6 +320,7 @@ class Metrics:
     ttft: Histogram
     latency: Histogram
     finished: Counter
+    tokenized_chars: Counter
 
 
 def _make_metrics(engine) -> Metrics:
@@ -302,6 +337,8 @@ def _make_metrics(engine) -> Metrics:
                           ["endpoint"], buckets=_LATENCY_BUCKETS, registry=reg),
         finished=Counter("tpserve_finished_requests", "Generations by how they ended (stop, length, abort, error)",
                          ["reason"], registry=reg),
+        tokenized_chars=Counter("tpserve_tokenized_characters", "Characters of prompt text tokenized",
+                                registry=reg),
     )
     Gauge("tpserve_queue_depth", "Requests waiting for a free batch slot", registry=reg).set_function(
         lambda: engine.queue_depth)
@@ -318,8 +355,9 @@ def _endpoint_label(path: str) -> str:
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
-def _edge(app: ASGIApp, metrics: Metrics, api_key: str | None) -> ASGIApp:
-    """Outermost ASGI layer: the API-key check (before the body is read) and request counting."""
+def _edge(app: ASGIApp, metrics: Metrics, api_key: str | None, max_request_bytes: int) -> ASGIApp:
+    """Outermost ASGI layer: the API-key check (before the body is read), the body-size limit
+    (as the body arrives) and request counting."""
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def edge(scope: Scope, receive: Receive, send: Send) -> None:
@@ -343,7 +381,11 @@ def _edge(app: ASGIApp, metrics: Metrics, api_key: str | None) -> ASGIApp:
                                    code="invalid_api_key")
                     await err.response()(scope, receive, send_counted)
                     return
-            await app(scope, receive, send_counted)
+            if declared_too_large(scope["headers"], max_request_bytes):
+                await drain(receive)
+                await _too_large(max_request_bytes).response()(scope, receive, send_counted)
+                return
+            await app(scope, counted(receive, max_request_bytes), send_counted)
         finally:
             metrics.requests.labels(_endpoint_label(scope["path"]), str(status)).inc()
 
@@ -510,16 +552,26 @@ def _stream(gen: _Generation, chunk: Callable[[_Choice, str | None, str | None],
 
 # ---- the app -----------------------------------------------------------------------------
 
-def create_app(engine, api_key: str | None = None) -> FastAPI:
+def create_app(engine, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP API over ``engine`` (a ServingEngine or anything with its interface). With
     ``api_key``, every ``/v1`` route needs ``Authorization: Bearer <api_key>``; ``/health``
-    and ``/metrics`` stay open for probes and scrapers."""
+    and ``/metrics`` stay open for probes and scrapers. A body over ``max_request_bytes`` is
+    answered 413 as soon as it is known to be."""
     app = FastAPI(title="tpserve", description="OpenAI-compatible API over a tensor-parallel engine",
                   version="0.1.0")
     metrics = _make_metrics(engine)
     app.state.engine, app.state.metrics = engine, metrics
-    app.add_middleware(_edge, metrics=metrics, api_key=api_key)
+    app.add_middleware(_edge, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes)
     created = int(time.time())
+    tok = None
+    if engine.tokenizer is not None:
+        tok = Tokenizing(engine.tokenizer, engine.context, max_token_chars(engine.tokenizer),
+                         metrics.tokenized_chars.inc)
+    app.state.tokenizing = tok
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _too_large(max_request_bytes).response()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -571,7 +623,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name,
                                code="unsupported_value")
-        prompts = _completion_prompts(engine, req)
+        prompts = await _completion_prompts(engine, tok, req)
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         params = _sampling_params(req, max_tokens, max(len(p) for p in prompts), engine.context, "prompt")
         gen = _submit(engine, metrics, "/v1/completions", prompts, params, "prompt")
@@ -594,7 +646,7 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatRequest)
         _check_model(engine, req.model)
-        ids = _chat_prompt(engine, req)
+        ids = await _chat_prompt(engine, tok, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = _sampling_params(req, max_tokens, len(ids), engine.context, "messages")
         gen = _submit(engine, metrics, "/v1/chat/completions", [ids], params, "messages")
@@ -682,13 +734,14 @@ def serve(args) -> None:
     try:
         engine = ServingEngine(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
                                max_batch=args.max_batch, max_model_len=args.max_model_len,
-                               compile=getattr(args, "compile", False))
+                               compile=getattr(args, "compile", False), tokenizer=getattr(args, "tokenizer", None))
     except BaseException:
         sock.close()
         raise
     failure: list[str] = []
     try:
-        app = create_app(engine, api_key=api_key)
+        app = create_app(engine, api_key=api_key,
+                         max_request_bytes=getattr(args, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
         threading.Thread(target=_watch, args=(engine, server, failure), name="tpserve-watchdog", daemon=True).start()
         shown = f"[{args.host}]" if ":" in args.host else args.host
