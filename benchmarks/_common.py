@@ -1,4 +1,5 @@
-"""The random ~620 MB fp32 Llama checkpoint the loading and checkpoint benchmarks share."""
+"""Random fp32 Llama checkpoints the benchmarks share: ~620 MB (loading, checkpoints) and the
+281M even-head model of the TP decode benchmark."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import torch
 MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
              rms_norm_eps=1e-5, tie_word_embeddings=False)
+# 281M parameters, 0.92 GB of fp32 read per decoded token (one row of its untied input embedding):
+# big enough that decode is bandwidth-bound, with heads that split evenly at TP = 2 and 4.
+MODEL_281M = dict(vocab_size=49152, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
 LAYERS_PER_FILE = 2  # sharded like a hub checkpoint, so the generator holds <= ~130 MB at a time
 
 
-def _layer_tensors(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _layer_tensors(model: dict, i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One decoder layer's weights under transformers' names, randn * 0.02 (norms: ones)."""
-    h, inter = MODEL["hidden_size"], MODEL["intermediate_size"]
-    kv = MODEL["num_key_value_heads"] * h // MODEL["num_attention_heads"]
+    h, inter = model["hidden_size"], model["intermediate_size"]
+    kv = model["num_key_value_heads"] * h // model["num_attention_heads"]
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
@@ -30,13 +36,13 @@ def _layer_tensors(i: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def _file_groups() -> list[list[str | int]]:
+def _file_groups(model: dict) -> list[list[str | int]]:
     """What goes in each safetensors file: "embed", groups of layer numbers, "head"."""
-    n = MODEL["num_hidden_layers"]
+    n = model["num_hidden_layers"]
     return [["embed"]] + [list(range(i, min(i + LAYERS_PER_FILE, n))) for i in range(0, n, LAYERS_PER_FILE)] + [["head"]]
 
 
-def make_checkpoint(root: Path) -> Path:
+def make_checkpoint(root: Path, model: dict = MODEL, name: str = "llama-600m-fp32-v1") -> Path:
     """The cached random checkpoint under ``root``, created if missing.
 
     Written into a temporary directory and renamed into place, so an interrupted run leaves no
@@ -45,17 +51,17 @@ def make_checkpoint(root: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    final = root / "llama-600m-fp32-v1"
+    final = root / name
     if (final / "model.safetensors.index.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     print(f"creating the benchmark checkpoint in {final} (once) ...", flush=True)
     try:
-        LlamaConfig(architectures=["LlamaForCausalLM"], dtype="float32", **MODEL).save_pretrained(tmp)
+        LlamaConfig(architectures=["LlamaForCausalLM"], dtype="float32", **model).save_pretrained(tmp)
         gen = torch.Generator().manual_seed(0)
-        h, vocab = MODEL["hidden_size"], MODEL["vocab_size"]
-        groups = _file_groups()
+        h, vocab = model["hidden_size"], model["vocab_size"]
+        groups = _file_groups(model)
         weight_map, total = {}, 0
         for k, group in enumerate(groups, 1):
             tensors: dict[str, torch.Tensor] = {}
@@ -66,7 +72,7 @@ def make_checkpoint(root: Path) -> Path:
                     tensors["model.norm.weight"] = torch.ones(h)
                     tensors["lm_head.weight"] = torch.randn(vocab, h, generator=gen).mul_(0.02)
                 else:
-                    tensors.update(_layer_tensors(part, gen))
+                    tensors.update(_layer_tensors(model, part, gen))
             fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, fname))

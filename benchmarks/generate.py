@@ -1,27 +1,40 @@
-"""Prefill and decode speed of tpserve at TP = 1..4 beside transformers' generate, in one run.
+"""Prefill and decode speed of tpserve at TP = 1..4 beside transformers' generate, in one run,
+and how tensor parallelism scales.
 
     .venv/bin/python benchmarks/generate.py [--tp 1 2 3 4] [--compile-tp 1] [--prompt-len 128] [--new 64]
+    .venv/bin/python benchmarks/generate.py --model random-281m --tp 1 2 --compile-tp --rounds 3
 
-Same model (the default SmolLM2-135M-Instruct unless --model), same prompt, same machine,
-fp32 on CPU. Batch-1 decode is bound by memory bandwidth: every token reads every weight once,
-so the roofline is (memory read bandwidth) / (weight bytes); the table reports each engine's
-fraction of it, against the bandwidth measured just before and after that engine's runs (the
-higher of the two), since a shared VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is that warm-up,
-which for --compile rows includes torch.compile (less when inductor's on-disk cache is warm).
+Same model (the default SmolLM2-135M-Instruct unless --model; ``random-281m`` is a random
+even-head Llama built once in --dir), same prompt, same machine, fp32 on CPU unless --dtype.
+Batch-1 decode is bound by memory bandwidth: every token reads every weight once (one row of an
+untied input embedding), so the roofline is (memory read bandwidth) / (bytes per token); the
+table reports each engine's fraction of it, against the bandwidth measured just before and after
+that engine's runs (the higher of the two) by summing a buffer the size of the weights, since a
+shared VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is
+that warm-up, which for --compile rows includes torch.compile. With --rounds R every tpserve
+configuration runs R times, interleaved (TP=1, TP=2, TP=1, TP=2, ...), and "vs TP=1" is the
+median over rounds of each round's ratio to that round's TP=1, so slow minutes of a shared
+machine hit both sides alike. The "16 rows" column is decode tok/s of 16 prompts at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # _common, for random-281m
 
-def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
-    """GB/s of summing a buffer much larger than the caches, with all torch threads."""
-    x = torch.ones(int(gib * 2**30) // 4)
+
+def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> float:
+    """GB/s of summing a buffer of ``nbytes`` (the weights' size: this VM reports a large shared
+    L3, so a smaller buffer would overstate the bandwidth), with all torch threads."""
+    x = torch.ones(max(nbytes, 2**26) // 4)
     x.sum()
     times = []
     for _ in range(reps):
@@ -31,13 +44,13 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def _with_bandwidth(fn):
+def _with_bandwidth(fn, nbytes: int):
     """``fn()``'s result and the memory read bandwidth measured just before and just after it
     (the higher one): a shared VM's bandwidth drifts by 2x over minutes, so each engine is held
     to the bandwidth of its own moment, and the higher reading makes the stricter roofline."""
-    before = read_bandwidth()
+    before = read_bandwidth(nbytes)
     out = fn()
-    return out, max(before, read_bandwidth())
+    return out, max(before, read_bandwidth(nbytes))
 
 
 def _median_time(fn, reps: int) -> float:
@@ -49,11 +62,13 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, seconds of the first generate call, which includes compiling)."""
+def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,
+                  dtype: str) -> tuple[float, float, float, float]:
+    """(prefill tok/s, decode tok/s, 16-row decode tok/s, seconds of the first generate call,
+    which includes compiling)."""
     from tpserve import LLM, SamplingParams
 
-    with LLM(model=model, tensor_parallel_size=tp, compile=compile) as llm:
+    with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=dtype) as llm:
         one = SamplingParams(max_tokens=1, ignore_eos=True)
         many = SamplingParams(max_tokens=new + 1, ignore_eos=True)
         t = time.perf_counter()
@@ -61,13 +76,18 @@ def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compil
         first = time.perf_counter() - t
         t_prefill = _median_time(lambda: llm.generate([prompt], one), reps)
         t_total = _median_time(lambda: llm.generate([prompt], many), reps)
-    return len(prompt) / t_prefill, new / (t_total - t_prefill), first
+        rows = [prompt[:32]] * 16
+        few = SamplingParams(max_tokens=17, ignore_eos=True)
+        llm.generate(rows, few)  # warm-up (a compiled graph for many rows)
+        t16_prefill = _median_time(lambda: llm.generate(rows, one), reps)
+        t16_total = _median_time(lambda: llm.generate(rows, few), reps)
+    return len(prompt) / t_prefill, new / (t_total - t_prefill), 16 * 16 / (t16_total - t16_prefill), first
 
 
-def bench_transformers(path, prompt: list[int], new: int, reps: int) -> tuple[float, float]:
+def bench_transformers(path, prompt: list[int], new: int, reps: int, dtype: torch.dtype) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     ids = torch.tensor([prompt])
 
     def run(n: int):
@@ -81,41 +101,82 @@ def bench_transformers(path, prompt: list[int], new: int, reps: int) -> tuple[fl
     return len(prompt) / t_prefill, new / (t_total - t_prefill)
 
 
+def bytes_per_token(path, dtype: torch.dtype) -> int:
+    """Weight bytes one decoded token reads, in ``dtype``: all of them, but only one row of an
+    untied input embedding (a tied one is read whole as the LM head)."""
+    from tpserve.checkpoint.safetensors_io import open_checkpoint
+
+    refs = open_checkpoint(path)
+    total = sum(math.prod(r.shape) for r in refs.values())
+    embed = refs.get("model.embed_tokens.weight")
+    if embed is not None and "lm_head.weight" in refs:
+        total -= math.prod(embed.shape) - embed.shape[1]
+    return total * dtype.itemsize
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="a model directory, or random-281m")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/tpserve-bench"), help="where random-281m is cached")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every tpserve configuration this often, interleaved")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
                         help="TP degrees to run again with compile=True (torch.compile'd decode step)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     args = parser.parse_args()
 
-    from tpserve.checkpoint.safetensors_io import open_checkpoint
     from tpserve.engine.llm import resolve_model_path
+    from tpserve.parallel import shm
 
+    if args.model == "random-281m":
+        from _common import MODEL_281M, make_checkpoint
+
+        args.model = str(make_checkpoint(args.dir, MODEL_281M, "llama-281m-fp32-v1"))
+    shm.extension()  # built once here, not timed inside a first call
     path = resolve_model_path(args.model)
-    weight_bytes = sum(r.nbytes for r in open_checkpoint(path).values())
+    dtype = getattr(torch, args.dtype)
+    per_token = bytes_per_token(path, dtype)
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
     threads = torch.get_num_threads()
-    (prefill, decode), bw = _with_bandwidth(lambda: bench_transformers(path, prompt, args.new, args.reps))
-    rows = [("transformers generate", 1, prefill, decode, None, bw)]
-    for tp, compiled in [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]:
-        name = "tpserve --compile" if compiled else "tpserve"
-        out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled))
-        rows.append((name, tp, *out, bw))
-    print(f"\nmodel {path.name}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per decoded token "
-          f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens)")
-    print("roofline = memory read bandwidth (measured around each engine's runs) / weight bytes\n")
-    base = rows[0][3]
-    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'read GB/s':>11}{'roofline':>10}"
-          f"{'of roofline':>13}{'vs transformers':>17}{'first call s':>14}")
-    for name, tp, prefill, decode, first, bw in rows:
-        roof = bw * 1e9 / weight_bytes
-        first_s = "" if first is None else f"{first:.1f}"
-        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{bw:>11.1f}{roof:>10.1f}{decode / roof:>13.0%}"
-              f"{decode / base:>16.2f}x{first_s:>14}")
+    rows = []
+    if not args.no_transformers:
+        (prefill, decode), bw = _with_bandwidth(
+            lambda: bench_transformers(path, prompt, args.new, args.reps, dtype), per_token)
+        rows.append(("transformers generate", 1, [(prefill, decode, None, None, bw)]))
+    configs = [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]
+    runs: dict = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for tp, compiled in configs:
+            out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled,
+                                                            args.dtype), per_token)
+            runs[(tp, compiled)].append((*out, bw))
+    for (tp, compiled), results in runs.items():
+        rows.append(("tpserve --compile" if compiled else "tpserve", tp, results))
+    print(f"\nmodel {path.name}: {per_token / 1e6:.0f} MB of {args.dtype} weights read per decoded token "
+          f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens, {args.rounds} round(s))")
+    print("roofline = memory read bandwidth (measured around each engine's runs) / bytes per token\n")
+    med = statistics.median
+    base = med(r[1] for r in rows[0][2]) if not args.no_transformers else None
+    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'16 rows tok/s':>15}{'read GB/s':>11}"
+          f"{'of roofline':>13}{'vs transformers':>17}{'decode vs TP=1':>16}{'prefill vs TP=1':>17}"
+          f"{'16 rows vs TP=1':>17}{'first call s':>14}")
+    for name, tp, results in rows:
+        prefill, decode = med(r[0] for r in results), med(r[1] for r in results)
+        bw = med(r[-1] for r in results)
+        many = med(r[2] for r in results) if results[0][2] is not None else None
+        first = results[0][3]
+        one = runs.get((1, name.endswith("--compile")))
+        ratios = ["", "", ""]
+        if name.startswith("tpserve") and one:
+            ratios = [f"{med(r[i] / o[i] for r, o in zip(results, one)):.2f}x" for i in (1, 0, 2)]
+        vs = f"{decode / base:.2f}x" if base else ""
+        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{'' if many is None else f'{many:.1f}':>15}"
+              f"{bw:>11.1f}{decode / (bw * 1e9 / per_token):>13.0%}{vs:>17}{ratios[0]:>16}{ratios[1]:>17}"
+              f"{ratios[2]:>17}{'' if first is None else f'{first:.1f}':>14}")
 
 
 if __name__ == "__main__":

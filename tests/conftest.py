@@ -10,6 +10,14 @@ from distpool import Pool  # noqa: E402
 _pools: dict[int, Pool] = {}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shm_module_built():
+    """Build the shared-memory collectives once, here, before any group of ranks wants them."""
+    from tpserve.parallel import shm
+
+    shm.extension()
+
+
 @pytest.fixture(scope="session")
 def tp_run():
     """``tp_run(world, fn, *args)``: run ``fn`` on every rank of a live gloo group of that size."""

@@ -39,7 +39,9 @@ from tpserve.parallel import (
     broadcast_object,
     set_group_timeout,
 )
+from tpserve.parallel import shm
 from tpserve.parallel.config import stateless_group
+from tpserve.utils.cpus import rank_cores
 
 from .detokenizer import IncrementalDetokenizer, has_tokenizer_files
 from .sampling import SamplingParams, make_generator, sample
@@ -92,6 +94,8 @@ def join_engine_group(store: dist.Store, rank: int, world: int, device: torch.de
     group = stateless_group(store, rank, world, backend, timeout_s=CONNECT_TIMEOUT_S, host="127.0.0.1")
     group.set_timeout(datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, comm_timeout)))
     set_group_timeout(group, comm_timeout)
+    if backend == "gloo":
+        shm.attach(group, comm_timeout)  # the ranks share this host: collectives through shared memory
     return group
 
 
@@ -188,6 +192,7 @@ class LLM:
         self._store: dist.TCPStore | None = None
         self.group: dist.ProcessGroup | None = None
         self.model = None
+        self._cores: list[list[int] | None] = []  # each local rank's cores (None: not pinned)
         self._threads: int | None = None  # rank 0's torch threads during calls (None: leave as is)
         self._state: dict = {}  # rank 0's memory between commands (continuous-batching cache)
         try:
@@ -233,17 +238,20 @@ class LLM:
             dev = engine_device(device, 0)
             self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:
-                self._threads = max(1, (os.cpu_count() or 1) // self.tp)
-                self._spawn_workers(self._store.port, str(dtype).removeprefix("torch.") if not isinstance(dtype, str)
-                                    else dtype, device, timeout, bool(compile))
+                if dev.type == "cpu" and shm.enabled():
+                    shm.extension()  # built here, once, before the workers would all want it
+                self._cores = [rank_cores(r, self.tp) for r in range(self.tp)]
+                self._threads = len(self._cores[0]) if self._cores[0] else max(1, (os.cpu_count() or 1) // self.tp)
+                self._spawn_workers(self._store.port, str(self.dtype).removeprefix("torch."), device, timeout,
+                                    bool(compile))
                 self._wait_for("started")  # a worker that dies while starting must not leave us in the rendezvous
             self.group = join_engine_group(self._store, 0, self.tp, dev, timeout)
         try:
-            with self._rank0_threads():
+            with self._rank0_compute():
                 self.model = load_model(self.model_path, dtype=self.dtype, device=dev, group=self.group,
                                         progress=self.rank == 0, decode_layout=dev.type == "cpu", compile=compile)
         except CommError as exc:  # say which worker it was, if one died
-            if not self._workers or all(p.is_alive() for p in self._workers):
+            if not self._worker_died():
                 raise
             raise WorkerError(f"loading failed: a worker process stopped ({self._workers_story()})") from exc
         self._wait_for("ready")
@@ -257,7 +265,7 @@ class LLM:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"tpserve-worker-{rank}", daemon=True,
                                args=(rank, self.tp, port, str(self.model_path), dtype, device, child,
-                                     timeout, self._threads, compile))
+                                     timeout, self._cores[rank], compile))
             self._workers.append(proc)
             self._conns.append(parent)
             proc.start()
@@ -331,6 +339,7 @@ class LLM:
         if self.group is not None:
             set_group_timeout(self.group, None)
             if not self.external:
+                shm.detach(self.group)
                 with contextlib.suppress(Exception):  # already broken when a peer died
                     self.group.shutdown()
         self.group = self._store = self.model = None
@@ -338,17 +347,23 @@ class LLM:
         atexit.unregister(self.close)
 
     @contextlib.contextmanager
-    def _rank0_threads(self):
-        """Rank 0's share of the cores for the length of one call, then the caller's count again."""
+    def _rank0_compute(self):
+        """For the length of one call, rank 0 computes on its own cores with its share of the
+        threads; then the calling thread gets the caller's cores and thread count back."""
         if self._threads is None:
             yield
             return
-        before = torch.get_num_threads()
+        threads, cores = torch.get_num_threads(), self._cores[0]
+        affinity = os.sched_getaffinity(0) if cores else None
         torch.set_num_threads(self._threads)
+        if cores:
+            os.sched_setaffinity(0, cores)  # this thread only (Linux): the caller's other threads keep theirs
         try:
             yield
         finally:
-            torch.set_num_threads(before)
+            torch.set_num_threads(threads)
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
 
     def _kill_workers(self) -> None:
         for proc in self._workers:
@@ -404,7 +419,7 @@ class LLM:
                 self._fail(cmd[0], None)
             conn.send(cmd)
         try:
-            with self._rank0_threads():
+            with self._rank0_compute():
                 return execute(self.model, cmd, choose, on_step, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
@@ -413,6 +428,16 @@ class LLM:
         except KeyboardInterrupt:
             self.close()
             raise
+
+    def _worker_died(self, wait: float = 1.0) -> bool:
+        """Whether a worker has exited, giving one that is dying ``wait`` seconds to finish (its
+        first thread can be gone, and a peer notice it, before the process can be reaped)."""
+        deadline = time.monotonic() + wait
+        while self._workers and all(p.is_alive() for p in self._workers):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return bool(self._workers)
 
     def _workers_story(self) -> str:
         """What happened to the workers that stopped (all of them, if none has)."""

@@ -62,13 +62,16 @@ def _die_with_parent() -> None:
 
 
 def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, device: str | None,
-                conn, comm_timeout: float, threads: int, compile_decode: bool = False) -> None:
+                conn, comm_timeout: float, cores: list[int] | None, compile_decode: bool = False) -> None:
+    """``cores``: the cores this rank computes on (its threads: one per core); None: not pinned."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     parent = os.getppid()
     try:
         _thread_lock_for_tqdm()
-        torch.set_num_threads(threads)
+        if cores:
+            os.sched_setaffinity(0, cores)  # before torch starts its threads, which inherit it
+        torch.set_num_threads(len(cores) if cores else max(1, (os.cpu_count() or 1) // world))
         from tpserve.engine.llm import engine_device, engine_store, join_engine_group
         from tpserve.models import load_model
 

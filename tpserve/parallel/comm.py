@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import pickle
 import time
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as _config
+from . import shm as _shm
 
 
 class CommError(RuntimeError):
@@ -119,11 +121,38 @@ def _raise_comm_error(op: str, group, what: str, elapsed: float, seconds: float,
     ) from cause
 
 
+def _fast(group: dist.ProcessGroup, tensor: torch.Tensor, reduce: bool = False):
+    """The group's shared-memory path when it can take ``tensor`` (the same answer on every rank)."""
+    fast = _shm.of(group)
+    if fast is None or tensor.device.type != "cpu" or (reduce and not fast.takes(tensor)):
+        return None
+    return fast
+
+
+def _run_fast(op: str, group: dist.ProcessGroup, timeout: float | None, fn, *args) -> None:
+    seconds = group_timeout(group) if timeout is None else timeout
+    start = time.monotonic()
+    try:
+        fn(*args, seconds)
+    except _shm.ShmError as exc:
+        what = "timed out" if exc.kind == "timed out" else "failed"
+        peers = [exc.peer] if exc.peer >= 0 else [r for r in range(group.size()) if r != group.rank()]
+        _raise_comm_error(op, group, what, time.monotonic() - start, seconds, peers,
+                          f"shared memory: {exc}", None)
+
+
 @_eager
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, timeout: float | None = None) -> torch.Tensor:
     """Sum ``tensor`` over the group, in place; returns it."""
     group = get_group(group)
     if group.size() == 1:
+        return tensor
+    fast = _fast(group, tensor, reduce=True)
+    if fast is not None:
+        x = tensor.contiguous()
+        _run_fast("all_reduce_sum", group, timeout, fast.all_reduce, x)
+        if x.data_ptr() != tensor.data_ptr():
+            tensor.copy_(x)
         return tensor
     _wait(dist.all_reduce(tensor, group=group, async_op=True), "all_reduce_sum", group, timeout)
     return tensor
@@ -143,13 +172,21 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | N
     if world == 1:
         return tensor
     dim = dim % tensor.dim()
+    fast = _fast(group, tensor)
     if sizes is None:
         mine = torch.tensor([tensor.shape[dim]], dtype=torch.int64, device=tensor.device)
-        parts = [torch.empty_like(mine) for _ in range(world)]
-        _wait(dist.all_gather(parts, mine, group=group, async_op=True), "all_gather(sizes)", group, timeout)
-        sizes = [int(p.item()) for p in parts]
+        if fast is not None:
+            parts = torch.empty(world, dtype=torch.int64)
+            _run_fast("all_gather(sizes)", group, timeout, fast.gather_bytes, mine, [8] * world, parts, -1)
+            sizes = parts.tolist()
+        else:
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            _wait(dist.all_gather(parts, mine, group=group, async_op=True), "all_gather(sizes)", group, timeout)
+            sizes = [int(p.item()) for p in parts]
     if len(sizes) != world or sizes[group.rank()] != tensor.shape[dim]:
         raise ValueError(f"all_gather: sizes {sizes} do not match this rank's piece of size {tensor.shape[dim]} along dim {dim}")
+    if fast is not None:
+        return _gather_fast(fast, "all_gather", tensor, dim, sizes, -1, group, timeout)
     biggest = max(sizes)
     x = tensor.contiguous()
     if x.shape[dim] < biggest:
@@ -161,11 +198,39 @@ def all_gather(tensor: torch.Tensor, dim: int = -1, group: dist.ProcessGroup | N
     return torch.cat([o.narrow(dim, 0, n) for o, n in zip(out, sizes)], dim=dim)
 
 
+def _gather_fast(fast, op: str, tensor: torch.Tensor, dim: int, sizes: list[int], dst: int, group,
+                 timeout: float | None) -> torch.Tensor | None:
+    """Pieces of different sizes along ``dim`` through shared memory: each rank's bytes in rank
+    order, then (for an inner ``dim``) one cat; ``dst`` >= 0: that rank only, others get None."""
+    x = tensor.detach().contiguous()
+    outer = math.prod(x.shape[:dim])
+    inner = math.prod(x.shape[dim + 1:])
+    nbytes = [outer * n * inner * x.element_size() for n in sizes]
+    copies = dst < 0 or dst == group.rank()
+    flat = torch.empty(sum(nbytes) // x.element_size(), dtype=x.dtype) if copies else None
+    _run_fast(op, group, timeout, fast.gather_bytes, x, nbytes, flat, dst)
+    if not copies:
+        return None
+    shape = list(x.shape)
+    shape[dim] = sum(sizes)
+    if outer == 1:
+        return flat.view(shape)
+    pieces = flat.split([outer * n * inner for n in sizes])
+    return torch.cat([p.view(outer, n, inner) for p, n in zip(pieces, sizes)], dim=1).view(shape)
+
+
 def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None,
                      timeout: float | None = None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with group-rank ``src``'s; returns it."""
     group = get_group(group)
     if group.size() == 1:
+        return tensor
+    fast = _fast(group, tensor)
+    if fast is not None:
+        x = tensor.contiguous()
+        _run_fast("broadcast_tensor", group, timeout, fast.broadcast, x, src)
+        if x.data_ptr() != tensor.data_ptr():
+            tensor.copy_(x)
         return tensor
     _wait(dist.broadcast(tensor, group=group, group_src=src, async_op=True), "broadcast_tensor", group, timeout)
     return tensor
@@ -215,6 +280,9 @@ def gather_to_rank0(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup 
     world = group.size()
     if world == 1:
         return x
+    fast = _fast(group, x)
+    if fast is not None:
+        return _gather_fast(fast, "gather_to_rank0", x, x.dim() - 1, sizes, 0, group, timeout)
     biggest = max(sizes)
     x = x.detach()
     if x.shape[-1] < biggest:

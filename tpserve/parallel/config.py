@@ -112,6 +112,10 @@ class TensorParallelConfig:
                 g = dist.new_group(list(range(first, first + self.tp_size)))
                 if first <= self.rank < first + self.tp_size:
                     mine = g
+        if self.backend == "gloo":
+            from . import shm
+
+            shm.attach(mine, self.timeout_s)  # ranks that share a host then meet in shared memory
         return mine
 
 

@@ -74,23 +74,37 @@ class _ScatterToTP(torch.autograd.Function):
         return comm.all_gather(grad, ctx.dim, ctx.group, ctx.sizes), None, None, None
 
 
+def _tracked(x: torch.Tensor) -> bool:
+    """Whether autograd must see this step: without a gradient to carry, each mapping is just
+    its forward collective (the Function machinery costs ~30 us a call, 150 calls a decode step)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _CopyToTP.apply(x, group) if comm.group_size(group) > 1 else x
+    return _CopyToTP.apply(x, group) if comm.group_size(group) > 1 and _tracked(x) else x
 
 
 def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _ReduceFromTP.apply(x, group) if comm.group_size(group) > 1 else x
+    if comm.group_size(group) == 1:
+        return x
+    return _ReduceFromTP.apply(x, group) if _tracked(x) else comm.all_reduce_sum(x.contiguous().clone(), group)
 
 
 def gather_from_tp_region(x: torch.Tensor, sizes: list[int], dim: int = -1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
-    return _GatherFromTP.apply(x, dim % x.dim(), list(sizes), group) if comm.group_size(group) > 1 else x
+    if comm.group_size(group) == 1:
+        return x
+    if not _tracked(x):
+        return comm.all_gather(x, dim % x.dim(), group, list(sizes))
+    return _GatherFromTP.apply(x, dim % x.dim(), list(sizes), group)
 
 
 def scatter_to_tp_region(x: torch.Tensor, sizes: list[int], dim: int = -1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     group = comm.get_group(group)
     if comm.group_size(group) == 1:
         return x
+    if not _tracked(x):
+        return _my_slice(x, dim % x.dim(), list(sizes), group)
     return _ScatterToTP.apply(x, dim % x.dim(), list(sizes), group)

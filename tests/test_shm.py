@@ -1,0 +1,224 @@
+"""Shared-memory collectives: the same results as gloo (bit-identical on every rank), deadlines
+and dead peers, nothing left in /dev/shm, and engines on top of them."""
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distpool import spawn_once
+from tpserve.parallel import (
+    CommError,
+    TensorParallelConfig,
+    all_gather,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    broadcast_tensor,
+    shm,
+)
+from tpserve.parallel.comm import gather_to_rank0
+
+SLOT = shm.SLOT_BYTES
+COUNTS = [1, 7, 1024, 1025, SLOT // 4 + 3, 3 * SLOT // 4 + 1]  # one round, several rounds, odd tails
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_against_gloo() -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    assert shm.of(dist.group.WORLD) is not None, "the pool's group should run over shared memory"
+    gloo = dist.new_group(backend="gloo")  # the same ranks, without shared memory
+    assert shm.of(gloo) is None
+    gen = torch.Generator().manual_seed(rank)
+    worst, digests = {}, []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in COUNTS:
+            x = torch.randn(n, generator=gen).to(dtype)
+            fast, slow = all_reduce_sum(x.clone()), all_reduce_sum(x.clone(), group=gloo)
+            tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 4e-3}[dtype]
+            err = ((fast.float() - slow.float()).abs().max() / slow.float().abs().max().clamp(min=1)).item()
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+            assert err <= tol, (dtype, n, err)
+            digests.append(_digest(fast))
+    # a non-contiguous tensor is summed in place too
+    base = torch.arange(12.0).view(3, 4) * (rank + 1)
+    col = base[:, 1]
+    all_reduce_sum(col)
+    assert torch.equal(base[:, 1], torch.tensor([1.0, 5.0, 9.0]) * world * (world + 1) / 2)
+    # uneven pieces along every dimension, sizes given or found, a rank with nothing
+    for dim in (0, 1, 2):
+        for sizes in ([r + 1 for r in range(world)], [0] + [3] * (world - 1), [SLOT // 8 + r for r in range(world)]):
+            shape = [2, 3, 5]
+            shape[dim] = sizes[rank]
+            piece = torch.randn(shape, generator=gen)
+            for given in (sizes, None):
+                fast = all_gather(piece, dim=dim, sizes=given)
+                slow = all_gather(piece, dim=dim, sizes=sizes, group=gloo)
+                assert torch.equal(fast, slow), (dim, sizes)
+            last = piece.movedim(dim, -1).contiguous()
+            got = gather_to_rank0(last, sizes)
+            want = gather_to_rank0(last, sizes, group=gloo)
+            assert (got is None) == (rank != 0) and (got is None or torch.equal(got, want))
+    for dtype in (torch.float32, torch.int64, torch.bfloat16, torch.uint8):
+        for n in (1, 1000, SLOT + 5):
+            src = world - 1
+            b = (torch.arange(n) % 97).to(dtype) if rank == src else torch.zeros(n, dtype=dtype)
+            assert torch.equal(broadcast_tensor(b, src=src), (torch.arange(n) % 97).to(dtype))
+    big = {"text": "héllo" * 100_000, "rank": 0}
+    assert broadcast_object(big if rank == 0 else None) == big
+    assert all_gather_object(rank) == list(range(world))
+    same = all_gather_object(digests)
+    assert all(d == same[0] for d in same), "ranks disagree on the bits of a sum"
+    return worst
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_every_collective_equals_gloo(tp_run, tp):
+    worst = tp_run(tp, check_against_gloo)[0]
+    assert worst["torch.float32"] <= 1e-6
+
+
+def check_two_groups_at_once() -> list:
+    cfg = TensorParallelConfig(rank=dist.get_rank(), world_size=dist.get_world_size(), tp_size=2, backend="gloo")
+    group = cfg.init()
+    assert shm.of(group) is not None and shm.of(group) is not shm.of(dist.group.WORLD)
+    out = []
+    for i in range(50):  # the two pairs and the whole world interleave their rounds
+        t = torch.full((300,), float(dist.get_rank() + i))
+        all_reduce_sum(t, group=group)
+        w = all_reduce_sum(torch.ones(3))
+        out.append((t[0].item(), w[0].item()))
+    return out
+
+
+def test_groups_of_one_process_keep_their_rounds_apart(tp_run):
+    out = tp_run(4, check_two_groups_at_once)
+    for rank, rows in enumerate(out):
+        first = 0 if rank < 2 else 2
+        assert rows == [(float(2 * i + 2 * first + 1), 4.0) for i in range(50)]
+
+
+def _peer_dies_mid_run(timeout: float) -> str:
+    for _ in range(20):
+        all_reduce_sum(torch.ones(64))
+    if dist.get_rank() == 1:
+        os._exit(3)  # a zombie until its parent reaps it: still dead
+    t0 = time.monotonic()
+    try:
+        all_reduce_sum(torch.ones(64), timeout=timeout)
+    except CommError as e:
+        return f"{time.monotonic() - t0:.2f}|{e}"
+    return "no error"
+
+
+def test_dead_peer_is_named_long_before_the_deadline():
+    out = spawn_once(_peer_dies_mid_run, 2, 30.0, timeout=90)
+    status, value = out[0]
+    assert status == "ok", value
+    elapsed, msg = value.split("|", 1)
+    assert float(elapsed) < 5, msg
+    assert "rank(s) [1]" in msg and "shared memory: peer exited" in msg, msg
+
+
+def _peer_stalls(timeout: float) -> str:
+    all_reduce_sum(torch.ones(4))
+    if dist.get_rank() == 1:
+        time.sleep(timeout + 3)
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        all_reduce_sum(torch.ones(4), timeout=timeout)
+    except CommError as e:
+        return f"{time.monotonic() - t0:.2f}|{e}"
+    return "no error"
+
+
+def test_silent_peer_times_out_at_the_deadline():
+    out = spawn_once(_peer_stalls, 2, 2.0, timeout=60)
+    status, value = out[0]
+    assert status == "ok", value
+    elapsed, msg = value.split("|", 1)
+    assert 1.9 <= float(elapsed) < 6 and "timed out" in msg and "rank(s) [1]" in msg, msg
+
+
+def _segments() -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob("tpserve-*"))
+
+
+def test_nothing_is_left_in_dev_shm():
+    from tpserve import LLM, SamplingParams
+
+    before = _segments()
+    with LLM(tensor_parallel_size=2) as llm:
+        assert shm.of(llm.group) is not None
+        assert _segments() == before  # unlinked as soon as every rank mapped it
+        llm.generate("Hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError):
+        with LLM(tensor_parallel_size=2) as llm:
+            llm.generate([[10**9]])
+    victim = LLM(tensor_parallel_size=2)
+    os.kill(victim._workers[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="killed by signal 9"):
+        victim.generate("Hello", SamplingParams(max_tokens=50, ignore_eos=True))
+    with LLM(tensor_parallel_size=2) as llm:
+        assert llm.generate("Hi", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    assert _segments() == before
+
+
+def test_shm_off_by_environment(monkeypatch):
+    from tpserve import LLM, SamplingParams
+
+    monkeypatch.setenv("TPSERVE_SHM", "0")  # the workers inherit it
+    with LLM(tensor_parallel_size=2) as llm:
+        assert shm.of(llm.group) is None
+        gloo = llm.generate("The capital of Germany is", SamplingParams(max_tokens=6))[0].outputs[0].token_ids
+    monkeypatch.delenv("TPSERVE_SHM")
+    with LLM(tensor_parallel_size=2) as llm:
+        assert shm.of(llm.group) is not None
+        fast = llm.generate("The capital of Germany is", SamplingParams(max_tokens=6))[0].outputs[0].token_ids
+    assert fast == gloo
+
+
+# ---- rank placement -------------------------------------------------------------------------
+
+def test_each_local_rank_gets_its_own_cores(tmp_path):
+    from tpserve.utils.cpus import parse_cpulist, rank_cores
+
+    assert parse_cpulist("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
+    flat = tmp_path / "flat"  # a machine that says nothing about NUMA
+    assert [rank_cores(r, 2, list(range(8)), "", flat) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [rank_cores(r, 3, list(range(8)), "", flat) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert rank_cores(0, 4, [0, 1], "", flat) is None  # more ranks than cores: the OS shares them out
+    numa = tmp_path / "numa"
+    for node, cpus in enumerate(["0-3,8-11", "4-7,12-15"]):
+        (numa / f"node{node}").mkdir(parents=True)
+        (numa / f"node{node}" / "cpulist").write_text(cpus + "\n")
+    both = list(range(16))
+    assert rank_cores(0, 2, both, "", numa) == [0, 1, 2, 3, 8, 9, 10, 11]  # a whole node each
+    assert rank_cores(1, 2, both, "", numa) == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert [rank_cores(r, 4, both, "", numa) for r in range(4)] == [[0, 1, 2, 3], [8, 9, 10, 11],
+                                                                     [4, 5, 6, 7], [12, 13, 14, 15]]
+    assert rank_cores(1, 2, both, "0-3|4-7", numa) == [4, 5, 6, 7]  # TPSERVE_CPU_BIND
+    assert rank_cores(1, 2, both, "off", numa) is None
+    with pytest.raises(ValueError, match="names 1 core sets for 2 local ranks"):
+        rank_cores(0, 2, both, "0-3", numa)
+
+
+def test_workers_compute_on_their_own_cores():
+    from tpserve import LLM
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    before = os.sched_getaffinity(0)
+    with LLM(tensor_parallel_size=2) as llm:
+        assert os.sched_getaffinity(llm._workers[0].pid) == set(llm._cores[1])
+        assert llm._cores[0] and set(llm._cores[0]).isdisjoint(llm._cores[1])
+        assert os.sched_getaffinity(0) == before  # the caller's thread keeps its cores between calls

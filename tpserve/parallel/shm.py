@@ -1,0 +1,198 @@
+"""Shared-memory collectives for the ranks of a group that share a host.
+
+gloo takes ~400 us for a 4 KiB all-reduce on loopback, and a decode step makes two per layer:
+tensor parallelism on CPU spent more time talking than computing. Ranks on one host can
+instead meet in one mapped segment (``csrc/shm_comm.cpp``): each copies its data into its own
+slot, publishes a round number and spins (with a pause instruction, yielding once past a
+budget, so more ranks than cores still finish) until its peers published theirs, then reads
+their slots. Every wait has the group's deadline and notices a dead peer (``CommError``
+naming it). The segment is unlinked from ``/dev/shm`` as soon as every rank has mapped it, so
+nothing is left behind after a close, an exception or a kill -9.
+
+:func:`attach` sets it up for a group (a collective); ``comm``'s functions then use it for CPU
+tensors and keep gloo for everything else, for groups that span hosts, and when
+``TPSERVE_SHM=0`` or no C++ compiler can build the module (one warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+SLOT_BYTES = 1 << 20  # per rank and slot; larger messages go through in several rounds
+SHM_DIR = Path("/dev/shm")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SPINS_OWN_CORE = 1 << 16  # ~3 ms of pause instructions before yielding
+_SPINS_SHARED_CORE = 64  # more ranks than cores: a waiting rank must give its core to the one it waits for
+
+_ext = None
+_ext_error: str | None = None
+_groups: dict = {}  # group -> ShmComm
+
+
+class ShmError(RuntimeError):
+    """A shared-memory wait failed; ``peer`` is the group rank waited for."""
+
+    def __init__(self, kind: str, peer: int, detail: str) -> None:
+        super().__init__(f"{kind} waiting for rank {peer} ({detail})")
+        self.kind, self.peer, self.detail = kind, peer, detail
+
+
+def enabled() -> bool:
+    return os.environ.get("TPSERVE_SHM", "1") != "0"
+
+
+def extension():
+    """The C++ module, built once per machine (torch caches the build, and a lock keeps ranks
+    from building it at the same time); None, with one warning, when it cannot be built."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = _load()
+        except Exception as exc:  # no compiler, no headers: gloo still works
+            _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            warnings.warn(f"tpserve: shared-memory collectives are unavailable ({_ext_error}); using gloo. "
+                          f"Install g++ for them, or set TPSERVE_SHM=0 to silence this", stacklevel=2)
+    return _ext
+
+
+def _load():
+    """Import the built module directly when this source was built before (torch's ``load``
+    spends ~2 s checking a cached build, in every process), else build it."""
+    import hashlib
+    import importlib.util
+
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    src = Path(__file__).with_name("csrc") / "shm_comm.cpp"
+    name = f"tpserve_shm_{hashlib.sha1(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]}"
+    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    if built.is_file():
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load(name=name, sources=[str(src)], extra_cflags=["-O3"], verbose=False)
+
+
+class ShmComm:
+    """One group's segment and the C++ object that runs its rounds."""
+
+    def __init__(self, fd: int, rank: int, world: int, spins: int) -> None:
+        self._map = mmap.mmap(fd, _segment_bytes(world))
+        self._anchor = ctypes.c_char.from_buffer(self._map)  # keeps the mapping's address fixed
+        self._comm = extension().Comm(ctypes.addressof(self._anchor), rank, world, SLOT_BYTES, spins)
+        self.rank, self.world = rank, world
+        self.broken: str | None = None
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        """Whether this tensor can go through shared memory (the same answer on every rank)."""
+        return tensor.device.type == "cpu" and tensor.dtype in _DTYPES
+
+    def _call(self, fn, *args) -> None:
+        if self.broken:
+            raise ShmError("failed earlier", -1, self.broken)
+        try:
+            fn(*args)
+        except RuntimeError as exc:
+            kind, _, rest = str(exc).partition(":")
+            peer, _, detail = rest.partition(":")
+            if kind not in ("dead", "timeout"):
+                raise
+            self.broken = f"rank {peer} {'exited' if kind == 'dead' else 'timed out'}"
+            raise ShmError("peer exited" if kind == "dead" else "timed out",
+                           int(peer), f"pid {detail}" if kind == "dead" else f"{float(detail):.1f}s") from None
+
+    def all_reduce(self, tensor: torch.Tensor, timeout: float) -> None:
+        """Sum in place; ``tensor`` must be contiguous."""
+        self._call(self._comm.all_reduce, tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype], timeout)
+
+    def gather_bytes(self, tensor: torch.Tensor, nbytes: list[int], out: torch.Tensor | None, dst: int,
+                     timeout: float) -> None:
+        """Every rank's contiguous ``tensor`` (``nbytes[r]`` bytes each) into ``out`` in rank
+        order, on rank ``dst`` only (-1: everywhere; ranks that copy nothing pass out=None)."""
+        self._call(self._comm.all_gather, tensor.data_ptr(), nbytes, 0 if out is None else out.data_ptr(), dst,
+                   timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, timeout: float) -> None:
+        self._call(self._comm.broadcast, tensor.data_ptr(), tensor.numel() * tensor.element_size(), src, timeout)
+
+    def close(self) -> None:
+        self._comm = None
+        self._anchor = None
+        self._map.close()
+
+
+def _segment_bytes(world: int) -> int:
+    return extension().Comm.header_bytes(world) + world * 2 * SLOT_BYTES
+
+
+def of(group) -> ShmComm | None:
+    return _groups.get(group)
+
+
+def detach(group) -> None:
+    comm = _groups.pop(group, None)
+    if comm is not None:
+        comm.close()
+
+
+def _remove_stale() -> None:
+    """Segments of processes that died between creating and unlinking them (a tiny window)."""
+    for path in SHM_DIR.glob("tpserve-*-*"):
+        try:
+            pid = int(path.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
+
+
+def attach(group, timeout: float) -> ShmComm | None:
+    """Set up shared memory for ``group`` (every rank calls this, with gloo working): None when
+    it is off, cannot be built, or not every rank can open rank 0's segment (another host, or
+    another /dev/shm). Every rank reaches the same answer."""
+    from .comm import all_gather_object, broadcast_object
+
+    world, rank = group.size(), group.rank()
+    if world == 1 or group in _groups:
+        return _groups.get(group)
+    usable = enabled() and SHM_DIR.is_dir() and extension() is not None
+    if not all(all_gather_object(usable, group, timeout)):
+        return None
+    path, fd = None, -1
+    if rank == 0:
+        _remove_stale()
+        path = SHM_DIR / f"tpserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, _segment_bytes(world))
+    path = broadcast_object(str(path) if rank == 0 else None, 0, group, timeout)
+    comm, error = None, None
+    try:
+        if rank != 0:
+            fd = os.open(path, os.O_RDWR)
+        spins = _SPINS_OWN_CORE if world <= (os.cpu_count() or 1) else _SPINS_SHARED_CORE
+        comm = ShmComm(fd, rank, world, spins)
+    except OSError as exc:  # another host, or another /dev/shm: this group keeps gloo
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        ok = all(e is None for e in all_gather_object(error, group, timeout))  # every rank has it mapped, or failed
+    finally:
+        if rank == 0:
+            Path(path).unlink(missing_ok=True)
+    if not ok:
+        if comm is not None:
+            comm.close()
+        return None
+    _groups[group] = comm
+    return comm
