@@ -118,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a model directory, or random-281m")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tpserve-bench"), help="where random-281m is cached")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2, 3, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)

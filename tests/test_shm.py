@@ -222,3 +222,46 @@ def test_workers_compute_on_their_own_cores():
         assert os.sched_getaffinity(llm._workers[0].pid) == set(llm._cores[1])
         assert llm._cores[0] and set(llm._cores[0]).isdisjoint(llm._cores[1])
         assert os.sched_getaffinity(0) == before  # the caller's thread keeps its cores between calls
+
+
+PINNED_SCRIPT = '''
+import os
+import torch
+import tpserve.engine.llm as engine
+from tpserve import LLM, SamplingParams
+
+seen = []
+run = engine.execute
+
+
+def spy(*args, **kwargs):
+    seen.append((sorted(os.sched_getaffinity(0)), torch.get_num_threads()))
+    return run(*args, **kwargs)
+
+
+engine.execute = spy
+if __name__ == "__main__":
+    with LLM(tensor_parallel_size=2) as llm:
+        llm.generate([[1, 504, 3458]], SamplingParams(max_tokens=2))
+    print("RANK", os.environ["LOCAL_RANK"], seen[-1], sorted(os.sched_getaffinity(0)), flush=True)
+'''
+
+
+def test_torchrun_ranks_split_the_host_cores(tmp_path):
+    """Under torchrun, LOCAL_RANK / LOCAL_WORLD_SIZE choose each rank's slice; only its calls are pinned."""
+    import subprocess
+    import sys
+
+    from tpserve.utils.cpus import rank_cores
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    script = tmp_path / "pinned.py"
+    script.write_text(PINNED_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    everything = sorted(os.sched_getaffinity(0))
+    for rank in (0, 1):
+        cores = rank_cores(rank, 2)
+        assert f"RANK {rank} ({cores}, {len(cores)}) {everything}" in run.stdout, run.stdout

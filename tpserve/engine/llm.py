@@ -193,7 +193,7 @@ class LLM:
         self.group: dist.ProcessGroup | None = None
         self.model = None
         self._cores: list[list[int] | None] = []  # each local rank's cores (None: not pinned)
-        self._threads: int | None = None  # rank 0's torch threads during calls (None: leave as is)
+        self._threads: int | None = None  # this rank's torch threads during calls (None: leave as is)
         self._state: dict = {}  # rank 0's memory between commands (continuous-batching cache)
         try:
             self._start(model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
@@ -233,6 +233,10 @@ class LLM:
             self.group = dist.group.WORLD
             set_group_timeout(self.group, timeout)
             dev = engine_device(device, dist.get_node_local_rank(fallback_rank=self.rank))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if dev.type == "cpu" and local_world > 1:  # this host's ranks split its cores, as local workers do
+                cores = rank_cores(int(os.environ.get("LOCAL_RANK", "0")), local_world)
+                self._cores, self._threads = [cores], len(cores) if cores else None
         else:
             self.rank = 0
             dev = engine_device(device, 0)
@@ -247,7 +251,7 @@ class LLM:
                 self._wait_for("started")  # a worker that dies while starting must not leave us in the rendezvous
             self.group = join_engine_group(self._store, 0, self.tp, dev, timeout)
         try:
-            with self._rank0_compute():
+            with self._compute():
                 self.model = load_model(self.model_path, dtype=self.dtype, device=dev, group=self.group,
                                         progress=self.rank == 0, decode_layout=dev.type == "cpu", compile=compile)
         except CommError as exc:  # say which worker it was, if one died
@@ -347,9 +351,10 @@ class LLM:
         atexit.unregister(self.close)
 
     @contextlib.contextmanager
-    def _rank0_compute(self):
-        """For the length of one call, rank 0 computes on its own cores with its share of the
-        threads; then the calling thread gets the caller's cores and thread count back."""
+    def _compute(self):
+        """For the length of one call, this rank computes on its own cores with its share of the
+        threads (rank 0: the calling thread only); then the caller's cores and thread count are
+        back. ``self._cores[0]`` is this process's slice (local mode: rank 0's)."""
         if self._threads is None:
             yield
             return
@@ -413,13 +418,14 @@ class LLM:
             raise RuntimeError("this LLM has been closed; create a new one")
         if self.external:
             cmd = broadcast_object(cmd if self.rank == 0 else None, 0, self.group)
-            return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
+            with self._compute():
+                return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
         for rank, (proc, conn) in enumerate(zip(self._workers, self._conns), start=1):
             if not proc.is_alive():
                 self._fail(cmd[0], None)
             conn.send(cmd)
         try:
-            with self._rank0_compute():
+            with self._compute():
                 return execute(self.model, cmd, choose, on_step, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
