@@ -77,8 +77,8 @@ def get_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
 
 
 def group_rank(group: dist.ProcessGroup | None = None) -> int:
-    """This process's rank in ``group`` (asked of the group: ``group.rank()`` only knows
-    groups made through torch's default group)."""
+    """This process's rank in ``group``, asked of the group itself: ``dist.get_rank(group)``
+    only knows groups made through torch's default group."""
     return get_group(group).rank()
 
 

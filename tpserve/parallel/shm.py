@@ -170,10 +170,19 @@ def attach(group, timeout: float) -> ShmComm | None:
     path, fd = None, -1
     if rank == 0:
         _remove_stale()
-        path = SHM_DIR / f"tpserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        os.ftruncate(fd, _segment_bytes(world))
-    path = broadcast_object(str(path) if rank == 0 else None, 0, group, timeout)
+        try:
+            path = SHM_DIR / f"tpserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, _segment_bytes(world))
+        except OSError as exc:  # /dev/shm full or read-only: the peers must hear it, not wait
+            warnings.warn(f"tpserve: cannot create a shared-memory segment ({exc}); using gloo", stacklevel=2)
+            if fd >= 0:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+            path, fd = None, -1
+    path = broadcast_object(None if path is None else str(path), 0, group, timeout)
+    if path is None:
+        return None
     comm, error = None, None
     try:
         if rank != 0:
