@@ -106,11 +106,8 @@ def test_groups_of_one_process_keep_their_rounds_apart(tp_run):
         assert rows == [(float(2 * i + 2 * first + 1), 4.0) for i in range(50)]
 
 
-def _peer_dies_mid_run(timeout: float) -> str:
-    for _ in range(20):
-        all_reduce_sum(torch.ones(64))
-    if dist.get_rank() == 1:
-        os._exit(3)  # a zombie until its parent reaps it: still dead
+def _all_reduce_error(timeout: float) -> str:
+    """How long rank 0's next all-reduce took to fail, and the error it raised."""
     t0 = time.monotonic()
     try:
         all_reduce_sum(torch.ones(64), timeout=timeout)
@@ -119,13 +116,12 @@ def _peer_dies_mid_run(timeout: float) -> str:
     return "no error"
 
 
-def test_dead_peer_is_named_long_before_the_deadline():
-    out = spawn_once(_peer_dies_mid_run, 2, 30.0, timeout=90)
-    status, value = out[0]
-    assert status == "ok", value
-    elapsed, msg = value.split("|", 1)
-    assert float(elapsed) < 5, msg
-    assert "rank(s) [1]" in msg and "shared memory: peer exited" in msg, msg
+def _peer_dies_mid_run(timeout: float) -> str:
+    for _ in range(20):
+        all_reduce_sum(torch.ones(64))
+    if dist.get_rank() == 1:
+        os._exit(3)  # a zombie until its parent reaps it: still dead
+    return _all_reduce_error(timeout)
 
 
 def _peer_stalls(timeout: float) -> str:
@@ -133,20 +129,25 @@ def _peer_stalls(timeout: float) -> str:
     if dist.get_rank() == 1:
         time.sleep(timeout + 3)
         os._exit(0)
-    t0 = time.monotonic()
-    try:
-        all_reduce_sum(torch.ones(4), timeout=timeout)
-    except CommError as e:
-        return f"{time.monotonic() - t0:.2f}|{e}"
-    return "no error"
+    return _all_reduce_error(timeout)
+
+
+def _rank0_error(fn, timeout: float, limit: float) -> tuple[float, str]:
+    status, value = spawn_once(fn, 2, timeout, timeout=limit)[0]
+    assert status == "ok", value
+    elapsed, msg = value.split("|", 1)
+    return float(elapsed), msg
+
+
+def test_dead_peer_is_named_long_before_the_deadline():
+    elapsed, msg = _rank0_error(_peer_dies_mid_run, 30.0, 90)
+    assert elapsed < 5, msg
+    assert "rank(s) [1]" in msg and "shared memory: peer exited" in msg, msg
 
 
 def test_silent_peer_times_out_at_the_deadline():
-    out = spawn_once(_peer_stalls, 2, 2.0, timeout=60)
-    status, value = out[0]
-    assert status == "ok", value
-    elapsed, msg = value.split("|", 1)
-    assert 1.9 <= float(elapsed) < 6 and "timed out" in msg and "rank(s) [1]" in msg, msg
+    elapsed, msg = _rank0_error(_peer_stalls, 2.0, 60)
+    assert 1.9 <= elapsed < 6 and "timed out" in msg and "rank(s) [1]" in msg, msg
 
 
 def _segments() -> list[str]:

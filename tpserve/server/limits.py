@@ -96,6 +96,3 @@ class Tokenizing:
     async def run(self, fn: Callable, *args):
         """Other tokenizer work (a chat template) on the same thread."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
