@@ -106,6 +106,47 @@ def test_groups_of_one_process_keep_their_rounds_apart(tp_run):
         assert rows == [(float(2 * i + 2 * first + 1), 4.0) for i in range(50)]
 
 
+def check_group_over_simulated_hosts(hosts: list[int]) -> dict:
+    """A group whose ranks claim to sit on ``hosts[rank]``: all-reduce sums on each host in
+    shared memory and between hosts over gloo; the other collectives keep gloo."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    real = shm.host_key
+    shm.host_key = lambda: f"host-{hosts[rank]}"
+    try:
+        group = dist.new_group(backend="gloo")
+        fast = shm.attach(group, 30.0)
+    finally:
+        shm.host_key = real
+    gloo = dist.new_group(backend="gloo")
+    gen = torch.Generator().manual_seed(rank)
+    digests, worst = [], 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in COUNTS[:5]:
+            x = torch.randn(n, generator=gen).to(dtype)
+            got, want = all_reduce_sum(x.clone(), group=group), all_reduce_sum(x.clone(), group=gloo)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1)).item()
+            assert err <= (1e-6 if dtype == torch.float32 else 2e-2), (dtype, n, err)
+            worst = max(worst, err) if dtype == torch.float32 else worst
+            digests.append(_digest(got))
+    piece = torch.randn(2, rank + 1, generator=gen)
+    assert torch.equal(all_gather(piece, dim=1, group=group), all_gather(piece, dim=1, group=gloo))
+    assert broadcast_object("from 0" if rank == 0 else None, 0, group) == "from 0"
+    same = all_gather_object(digests)
+    assert all(d == same[0] for d in same), "ranks disagree on the bits of a sum"
+    return {"local": fast.world, "members": fast.members, "spans": fast.spans_hosts,
+            "cross": fast.cross is not None, "worst": worst}
+
+
+@pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 1, 1], [0, 0, 1]])
+def test_group_over_two_hosts_sums_each_host_in_shared_memory(tp_run, hosts):
+    out = tp_run(len(hosts), check_group_over_simulated_hosts, hosts)
+    for rank, facts in enumerate(out):
+        members = [r for r, h in enumerate(hosts) if h == hosts[rank]]
+        assert facts["members"] == members and facts["local"] == len(members) and facts["spans"]
+        assert facts["cross"] == (rank == members[0])  # one rank per host talks to the other host
+        assert facts["worst"] <= 1e-6
+
+
 def _all_reduce_error(timeout: float) -> str:
     """How long rank 0's next all-reduce took to fail, and the error it raised."""
     t0 = time.monotonic()
@@ -246,6 +287,88 @@ if __name__ == "__main__":
         llm.generate([[1, 504, 3458]], SamplingParams(max_tokens=2))
     print("RANK", os.environ["LOCAL_RANK"], seen[-1], sorted(os.sched_getaffinity(0)), flush=True)
 '''
+
+
+TWO_HOSTS_SCRIPT = '''
+import json
+import os
+import socket
+
+from tpserve import LLM, SamplingParams
+from tpserve.parallel import shm
+
+reduces = [0]
+run = shm.ShmComm.all_reduce
+
+
+def counted(self, *args):
+    reduces[0] += 1
+    return run(self, *args)
+
+
+shm.ShmComm.all_reduce = counted
+if __name__ == "__main__":
+    with LLM(tensor_parallel_size=4) as llm:
+        fast = shm.of(llm.group)
+        text = llm.generate(PROMPT, SamplingParams(max_tokens=8))[0].outputs[0].text
+        facts = {"host": socket.gethostname(), "local": fast and fast.world, "spans": fast and fast.spans_hosts,
+                 "cross": fast is not None and fast.cross is not None, "reduces": reduces[0], "text": text}
+    print("RANK", os.environ["RANK"], json.dumps(facts), flush=True)
+'''
+
+
+def test_tp4_over_two_simulated_hosts(tmp_path):
+    """Two torchrun agents, each in its own UTS, IPC and mount namespace with a private /dev/shm
+    (two hosts, as far as the ranks can tell), rendezvous on 127.0.0.1: TP=4 uses shared memory
+    on each host and gloo between them, and says what one host says."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from tpserve import LLM, SamplingParams
+
+    prompt = "The capital of Germany is"
+    probe = subprocess.run(["unshare", "--uts", "--ipc", "--mount", "sh", "-c",
+                            "mount -t tmpfs tmpfs /dev/shm && hostname probe"], capture_output=True, text=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip(f"cannot make namespaces here (unshare: {probe.stderr.strip()[:200]})")
+    script = tmp_path / "two_hosts.py"
+    script.write_text(TWO_HOSTS_SCRIPT.replace("PROMPT", repr(prompt)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")  # a namespace's made-up hostname resolves to nothing
+    agents = []
+    for host in (0, 1):
+        agent = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && hostname tpserve-host{host} && exec {sys.executable} "
+                 f"-m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d "
+                 f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id two-hosts --local-addr 127.0.0.1 {script}")
+        agents.append(subprocess.Popen(["unshare", "--uts", "--ipc", "--mount", "sh", "-c", agent], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for agent in agents:
+            out, err = agent.communicate(timeout=400)
+            assert agent.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for agent in agents:
+            agent.kill()
+    facts = {}
+    for line in "".join(outs).splitlines():
+        if line.startswith("RANK "):
+            rank, _, blob = line[5:].partition(" ")
+            facts[int(rank)] = json.loads(blob)
+    assert sorted(facts) == [0, 1, 2, 3], outs
+    with LLM() as one:
+        want = one.generate(prompt, SamplingParams(max_tokens=8))[0].outputs[0].text
+    assert len({f["host"] for f in facts.values()}) == 2
+    for rank, f in facts.items():
+        assert f["text"] == want, (rank, f)
+        assert f["local"] == 2 and f["spans"] and f["reduces"] > 0, (rank, f)
+    assert sum(f["cross"] for f in facts.values()) == 2  # one rank per host crosses over gloo
 
 
 def test_torchrun_ranks_split_the_host_cores(tmp_path):

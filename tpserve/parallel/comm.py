@@ -126,6 +126,8 @@ def _fast(group: dist.ProcessGroup, tensor: torch.Tensor, reduce: bool = False):
     fast = _shm.of(group)
     if fast is None or tensor.device.type != "cpu" or (reduce and not fast.takes(tensor)):
         return None
+    if fast.spans_hosts and not reduce:  # only all-reduce knows how to cross hosts; the rest use gloo
+        return None
     return fast
 
 
@@ -151,6 +153,11 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None,
     if fast is not None:
         x = tensor.contiguous()
         _run_fast("all_reduce_sum", group, timeout, fast.all_reduce, x)
+        if fast.spans_hosts:  # this host's sum; then the hosts' sums meet over gloo and spread on each host
+            if fast.cross is not None:
+                seconds = group_timeout(group) if timeout is None else timeout
+                _wait(dist.all_reduce(x, group=fast.cross, async_op=True), "all_reduce_sum(hosts)", group, seconds)
+            _run_fast("all_reduce_sum", group, timeout, fast.broadcast, x, 0)
         if x.data_ptr() != tensor.data_ptr():
             tensor.copy_(x)
         return tensor

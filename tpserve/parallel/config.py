@@ -134,7 +134,8 @@ def stateless_group(store: dist.Store, rank: int, world: int, backend: str = "gl
     ``group.rank()`` / ``group.size()`` (``comm.group_rank``): ``dist.get_rank(group)`` only
     knows groups made through the default group. Dropping the last reference closes it.
     ``host``: the address gloo connects on (``127.0.0.1`` keeps a one-machine group on
-    loopback); by default gloo picks one from the hostname.
+    loopback); by default the interfaces in ``GLOO_SOCKET_IFNAME``, else gloo picks one from
+    the hostname.
     """
     from torch._C._distributed_c10d import ProcessGroup
 
@@ -145,8 +146,13 @@ def stateless_group(store: dist.Store, rank: int, world: int, backend: str = "gl
 
         options = ProcessGroupGloo._Options()
         options._timeout = timeout
-        options._devices = [ProcessGroupGloo.create_device(hostname=host) if host
-                             else ProcessGroupGloo.create_default_device()]
+        interfaces = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+        if host:
+            options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        elif interfaces:  # as torch's own gloo groups do
+            options._devices = [ProcessGroupGloo.create_device(interface=i) for i in interfaces]
+        else:
+            options._devices = [ProcessGroupGloo.create_default_device()]
         impl = ProcessGroupGloo(store, rank, world, options)
         kind, device = ProcessGroup.BackendType.GLOO, torch.device("cpu")
     elif backend == "nccl":
