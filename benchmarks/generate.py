@@ -3,6 +3,8 @@ and how tensor parallelism scales.
 
     .venv/bin/python benchmarks/generate.py [--tp 1 2 3 4] [--compile-tp 1] [--prompt-len 128] [--new 64]
     .venv/bin/python benchmarks/generate.py --model random-281m --tp 1 2 --compile-tp --rounds 3
+    .venv/bin/python benchmarks/generate.py --model random-281m --tp 1 2 --compile-tp --dtype bfloat16 \
+        --vllm-tp 1 2 --plot docs/tp-scaling-281m-bf16.png
 
 Same model (the default SmolLM2-135M-Instruct unless --model; ``random-281m`` is a random
 even-head Llama built once in --dir), same prompt, same machine, fp32 on CPU unless --dtype.
@@ -15,13 +17,21 @@ that warm-up, which for --compile rows includes torch.compile. With --rounds R e
 configuration runs R times, interleaved (TP=1, TP=2, TP=1, TP=2, ...), and "vs TP=1" is the
 median over rounds of each round's ratio to that round's TP=1, so slow minutes of a shared
 machine hit both sides alike. The "16 rows" column is decode tok/s of 16 prompts at once.
+
+--vllm-tp adds vLLM's CPU build (``make vllm-venv``: its own venv, ``.venv-vllm``) at those TP
+degrees, in the same rounds, through ``vllm_row.py``; a configuration it cannot run (no venv,
+heads that do not divide) is reported as skipped, with its reason. --plot writes decode tok/s
+against TP degree as a PNG (matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,6 +111,57 @@ def bench_transformers(path, prompt: list[int], new: int, reps: int, dtype: torc
     return len(prompt) / t_prefill, new / (t_total - t_prefill)
 
 
+VLLM_ROW = Path(__file__).with_name("vllm_row.py")
+
+
+def bench_vllm(python: Path, path: Path, tp: int, prompt_len: int, new: int, reps: int,
+               dtype: str) -> tuple[float, float, float, float] | str:
+    """vLLM's (prefill, decode, 16-row decode tok/s, first call s), or why it could not run.
+    Its ranks get one core each at TP > 1 (VLLM_CPU_OMP_THREADS_BIND), as ours do."""
+    if not python.exists():
+        return f"no vLLM venv at {python} (make vllm-venv)"
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // tp)
+    bind = "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tp)) if tp > 1 else "auto"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND=bind)
+    cmd = [str(python), str(VLLM_ROW), str(path), "--tp", str(tp), "--dtype", dtype, "--prompt-len", str(prompt_len),
+           "--new", str(new), "--reps", str(reps)]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    except subprocess.TimeoutExpired:
+        return "timed out after 1200 s"
+    for line in run.stdout.splitlines():
+        if line.startswith("VLLM_ROW "):
+            r = json.loads(line.removeprefix("VLLM_ROW "))
+            return r["prefill"], r["decode"], r["rows16"], r["first"]
+    errors = [l for l in (run.stderr + run.stdout).splitlines() if "Error" in l and "Attempted" not in l]
+    return f"exit code {run.returncode}: {(errors or ['no output'])[-1].strip()[-300:]}"
+
+
+def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
+    """Decode tok/s against TP degree, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        tps = sorted(points)
+        ax.plot(tps, [points[t] for t in tps], marker="o", label=name)
+    ax.set_xlabel("tensor-parallel degree")
+    ax.set_ylabel("batch-1 decode tok/s")
+    ax.set_xticks(sorted({t for points in series.values() for t in points}))
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def bytes_per_token(path, dtype: torch.dtype) -> int:
     """Weight bytes one decoded token reads, in ``dtype``: all of them, but only one row of an
     untied input embedding (a tied one is read whole as the LM head)."""
@@ -127,6 +188,10 @@ def main() -> None:
     parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
                         help="TP degrees to run again with compile=True (torch.compile'd decode step)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--vllm-tp", type=int, nargs="*", default=[], help="TP degrees to run vLLM's CPU build at")
+    parser.add_argument("--vllm-python", type=Path, default=Path(".venv-vllm/bin/python"),
+                        help="the python of vLLM's venv")
+    parser.add_argument("--plot", type=Path, default=None, help="write decode tok/s against TP degree to this PNG")
     args = parser.parse_args()
 
     from tpserve.engine.llm import resolve_model_path
@@ -149,13 +214,28 @@ def main() -> None:
         rows.append(("transformers generate", 1, [(prefill, decode, None, None, bw)]))
     configs = [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]
     runs: dict = {c: [] for c in configs}
+    vllm_runs: dict[int, list] = {tp: [] for tp in args.vllm_tp}
+    skipped: dict[int, str] = {}
     for _ in range(args.rounds):
         for tp, compiled in configs:
             out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled,
                                                             args.dtype), per_token)
             runs[(tp, compiled)].append((*out, bw))
+        for tp in args.vllm_tp:
+            if tp in skipped:
+                continue
+            out, bw = _with_bandwidth(lambda: bench_vllm(args.vllm_python, path, tp, args.prompt_len, args.new,
+                                                         args.reps, args.dtype), per_token)
+            if isinstance(out, str):
+                skipped[tp] = out
+                print(f"vLLM TP={tp} skipped: {out}", flush=True)
+            else:
+                vllm_runs[tp].append((*out, bw))
     for (tp, compiled), results in runs.items():
         rows.append(("tpserve --compile" if compiled else "tpserve", tp, results))
+    for tp, results in vllm_runs.items():
+        if results:
+            rows.append(("vLLM CPU", tp, results))
     print(f"\nmodel {path.name}: {per_token / 1e6:.0f} MB of {args.dtype} weights read per decoded token "
           f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens, {args.rounds} round(s))")
     print("roofline = memory read bandwidth (measured around each engine's runs) / bytes per token\n")
@@ -169,14 +249,28 @@ def main() -> None:
         bw = med(r[-1] for r in results)
         many = med(r[2] for r in results) if results[0][2] is not None else None
         first = results[0][3]
-        one = runs.get((1, name.endswith("--compile")))
+        one = vllm_runs.get(1) if name == "vLLM CPU" else runs.get((1, name.endswith("--compile")))
         ratios = ["", "", ""]
-        if name.startswith("tpserve") and one:
+        if name != "transformers generate" and one:
             ratios = [f"{med(r[i] / o[i] for r, o in zip(results, one)):.2f}x" for i in (1, 0, 2)]
         vs = f"{decode / base:.2f}x" if base else ""
         print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{'' if many is None else f'{many:.1f}':>15}"
               f"{bw:>11.1f}{decode / (bw * 1e9 / per_token):>13.0%}{vs:>17}{ratios[0]:>16}{ratios[1]:>17}"
               f"{ratios[2]:>17}{'' if first is None else f'{first:.1f}':>14}")
+    for tp, why in skipped.items():
+        print(f"vLLM CPU TP={tp}: skipped ({why})")
+    for tp, theirs in vllm_runs.items():
+        ours = runs.get((tp, False))
+        if theirs and ours:
+            print(f"tpserve TP={tp} / vLLM TP={tp}: decode {med(r[1] for r in ours) / med(r[1] for r in theirs):.2f}x, "
+                  f"prefill {med(r[0] for r in ours) / med(r[0] for r in theirs):.2f}x, "
+                  f"16 rows {med(r[2] for r in ours) / med(r[2] for r in theirs):.2f}x")
+    if args.plot:
+        series: dict[str, dict[int, float]] = {}
+        for name, tp, results in rows:
+            if name != "transformers generate":
+                series.setdefault(name, {})[tp] = med(r[1] for r in results)
+        plot(args.plot, f"{path.name}, {args.dtype}, {threads} cores ({time.strftime('%Y-%m-%d')})", series)
 
 
 if __name__ == "__main__":

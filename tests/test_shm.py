@@ -215,6 +215,47 @@ def test_nothing_is_left_in_dev_shm():
     assert _segments() == before
 
 
+class _NoCommands:
+    """A worker pipe that fails the test if a command is sent through it."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def send(self, msg) -> None:
+        raise AssertionError(f"{msg[0]!r} went through a pipe")
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_commands_reach_the_workers_through_shared_memory():
+    """No pipe and pickle per command; an idle worker waits without a deadline and almost no CPU."""
+    from tpserve import LLM, SamplingParams
+
+    with LLM(tensor_parallel_size=2) as llm:
+        assert shm.of(llm.group) is not None
+        pipes = llm._conns
+        llm._conns = [_NoCommands(c) for c in pipes]
+        try:
+            ids = llm.generate("The capital of Germany is", SamplingParams(max_tokens=4))[0].outputs[0].token_ids
+            assert len(ids) == 4
+            assert len(llm.logits([[1, 2, 3]])) == 1
+        finally:
+            llm._conns = pipes
+        worker = llm._workers[0].pid
+        time.sleep(1.5)  # past the short naps
+        before = _cpu_seconds(worker)
+        time.sleep(3.0)
+        idle = _cpu_seconds(worker) - before
+        assert idle < 0.5, f"an idle worker used {idle:.2f} s of CPU in 3 s"
+        assert len(llm.generate("Hi", SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+
+
 def test_shm_off_by_environment(monkeypatch):
     from tpserve import LLM, SamplingParams
 

@@ -43,6 +43,7 @@ from tpserve.parallel import shm
 from tpserve.parallel.config import stateless_group
 from tpserve.utils.cpus import rank_cores
 
+from . import commands
 from .detokenizer import IncrementalDetokenizer, has_tokenizer_files
 from .sampling import SamplingParams, make_generator, sample
 from .worker import execute, worker_main
@@ -317,11 +318,9 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        for conn in self._conns:
-            try:
-                conn.send(("close",))
-            except (OSError, BrokenPipeError):
-                pass
+        if self._workers and all(proc.is_alive() for proc in self._workers):
+            with contextlib.suppress(OSError, CommError):  # then they are killed below
+                commands.send(self.group, self._conns, ("close",), timeout=5.0)
         deadline = time.monotonic() + 5
         for proc in self._workers:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))
@@ -420,19 +419,18 @@ class LLM:
             cmd = broadcast_object(cmd if self.rank == 0 else None, 0, self.group)
             with self._compute():
                 return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
-        for rank, (proc, conn) in enumerate(zip(self._workers, self._conns), start=1):
-            if not proc.is_alive():
-                self._fail(cmd[0], None)
-            conn.send(cmd)
+        if not all(proc.is_alive() for proc in self._workers):
+            self._fail(cmd[0], None)
         try:
+            commands.send(self.group, self._conns, cmd)
             with self._compute():
                 return execute(self.model, cmd, choose, on_step, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
                 raise
             self._fail(cmd[0], exc)
-        except KeyboardInterrupt:
-            self.close()
+        except KeyboardInterrupt:  # the workers are mid-command: stop them, do not talk to them
+            self._release()
             raise
 
     def _worker_died(self, wait: float = 1.0) -> bool:

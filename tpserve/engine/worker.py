@@ -14,6 +14,9 @@ import traceback
 
 import torch
 
+from tpserve.parallel import CommError
+
+from . import commands
 from .runner import SlotCache, decode_slots, full_logits, generate, prefill_slot
 
 
@@ -84,22 +87,39 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         conn.send(("ready", None))
         state: dict = {}
         while True:
-            if not conn.poll(1.0):
-                if os.getppid() != parent:
-                    os._exit(0)
-                continue
-            cmd = conn.recv()
+            cmd = commands.receive(group, conn, lambda: os.getppid() == parent)
+            if cmd is None:  # the driver is gone
+                os._exit(0)
             if cmd[0] == "close":
                 break
             execute(model, cmd, state=state)
         conn.send(("closed", None))
     except (EOFError, BrokenPipeError):
         os._exit(0)
+    except CommError as exc:
+        if os.getppid() != parent or not _alive(parent):  # the driver died while we waited for it
+            os._exit(0)
+        _report(conn, exc)
     except BaseException as exc:
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        except (OSError, BrokenPipeError):
-            pass
-        sys.stderr.flush()
-        os._exit(1)
+        _report(conn, exc)
     os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _report(conn, exc: BaseException) -> None:
+    """Tell the driver why this worker stops, and stop (its peers then fail fast)."""
+    try:
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    except (OSError, BrokenPipeError):
+        pass
+    sys.stderr.flush()
+    os._exit(1)

@@ -233,13 +233,14 @@ class Comm {
         }
         sched_yield();
         const auto now = clock::now();
-        if (now < next_check) continue;
-        next_check = now + std::chrono::milliseconds(2);
         const double waited = std::chrono::duration<double>(now - start).count();
-        if (waited > 0.001) {  // a long wait: sleep in short naps instead of yielding hot
-          struct timespec nap = {0, 50000};
+        if (waited > 0.001) {  // a long wait: sleep in naps instead of yielding hot; an idle
+          // worker waiting for its next command (no deadline) naps 1 ms, costing ~nothing
+          struct timespec nap = {0, waited > 1.0 ? 1000000 : 50000};
           nanosleep(&nap, nullptr);
         }
+        if (now < next_check) continue;
+        next_check = now + std::chrono::milliseconds(2);
         const int64_t pid = state_[j].pid;
         if (pid > 0 && !alive(pid))
           throw std::runtime_error("dead:" + std::to_string(j) + ":" + std::to_string(pid));
