@@ -96,6 +96,16 @@ def check_lm_head(dim: int, vocab: int, mode) -> object:
     s, e = layer.vocab_start, layer.vocab_end
     x = x_ref.detach().clone().requires_grad_()
     y = layer(x)
+    if mode == "argmax":  # every rank: the full argmax, ties to the lowest id
+        assert torch.equal(y, y_ref.argmax(-1)), (y, y_ref.argmax(-1))
+        tied = torch.zeros(2, vocab)
+        tied[0, [s for s in (0, vocab // 2, vocab - 1)]] = 1.0  # equal maxima in several shards
+        tied[1, vocab - 1] = 2.0
+        from tpserve.parallel.layers import vocab_argmax
+
+        got = vocab_argmax(tied[:, layer.vocab_start:layer.vocab_end], layer.vocab_start)
+        assert got.tolist() == [0, vocab - 1], got
+        return "ok"
     if mode == "rank0":
         if dist.get_rank() == 0:
             assert_close(y, y_ref, "lm head logits on rank 0")
@@ -150,7 +160,7 @@ def test_vocab_parallel_embedding(tp_run, tp):
 
 
 @pytest.mark.parametrize("tp", TP)
-@pytest.mark.parametrize("mode", [True, False, "rank0"])
+@pytest.mark.parametrize("mode", [True, False, "rank0", "argmax"])
 def test_parallel_lm_head(tp_run, tp, mode):
     tp_run(tp, check_lm_head, 8, 37, mode)
 

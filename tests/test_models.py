@@ -77,6 +77,13 @@ def check_parity(path: str, ref: dict, compiled: bool = False) -> dict:
         return lg.argmax(-1), torch.zeros(lg.shape[0], dtype=torch.bool)
 
     tokens = generate(model, PROMPTS, NEW_TOKENS, greedy if dist.get_rank() == 0 else None)
+
+    def taken(ids, i):  # greedy=True: the ids come chosen from each rank's best logit
+        assert ids.dtype == torch.long and ids.dim() == 1
+        return ids, torch.zeros(ids.shape[0], dtype=torch.bool)
+
+    shard_tokens = generate(model, PROMPTS, NEW_TOKENS, taken if dist.get_rank() == 0 else None, greedy=True)
+    assert torch.equal(shard_tokens, tokens), "greedy from each shard's best differs from the full argmax"
     out = {"tokens": tokens.tolist(), "graphs": sorted(getattr(model, "compiled_graphs", []))}
     if logits is not None:
         out["err"] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits, ref["logits"]))

@@ -498,17 +498,20 @@ class LLM:
             budgets.append(min(sp.max_tokens, self.context - len(ids)))
         states = [_Request(self, sp, budget) for sp, budget in zip(params, budgets)]
 
-        def choose(logits: torch.Tensor, step: int):
+        greedy = all(sp.temperature == 0 for sp in params)
+
+        def choose(scores: torch.Tensor, step: int):
             tokens = torch.zeros(len(states), dtype=torch.long)
             done = torch.zeros(len(states), dtype=torch.bool)
             for row, st in enumerate(states):
-                tokens[row] = st.pick(logits[row]) if not st.finished else 0
+                if not st.finished:  # greedy: the runner chose already; else sample from the logits
+                    tokens[row] = st.accept(int(scores[row])) if greedy else st.pick(scores[row])
                 done[row] = st.finished
                 if on_text is not None and st.delta:
                     on_text(row, st.delta)
             return tokens, done
 
-        self._run(("generate", [ids for _, ids in encoded], budgets), choose)
+        self._run(("generate", [ids for _, ids in encoded], budgets, greedy), choose)
         outs = None
         if self.rank == 0:
             outs = [RequestOutput(prompt, ids, [CompletionOutput(0, st.text, st.token_ids, st.reason)])
@@ -536,7 +539,10 @@ class _Request:
         return self.reason is not None
 
     def pick(self, logits: torch.Tensor) -> int:
-        token = sample(logits, self.params, self.generator)
+        return self.accept(sample(logits, self.params, self.generator))
+
+    def accept(self, token: int) -> int:
+        """Take ``token`` as this sequence's next: stop checks, text, what to stream."""
         self.delta = ""
         if token in self.llm.eos_ids and not self.params.ignore_eos:
             self.reason = "stop"

@@ -1,7 +1,8 @@
 """The generation loop every rank runs in lockstep (SPMD).
 
 Rank 0 alone sees full logits and picks the next tokens; it broadcasts them with a "stop"
-flag, so the ranks cannot diverge even when sampling is random.
+flag, so the ranks cannot diverge even when sampling is random. Greedy decoding needs no full
+logits: each rank's best logit meets its peers' in one tiny gather (``gather="argmax"``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tpserve.parallel import broadcast_tensor, group_rank
 
 from .kv_cache import allocate_kv_cache
 
-# choose(logits [B, vocab] float32, step) -> (tokens [B] int64, finished [B] bool); rank 0 only.
+# choose(scores, step) -> (tokens [B] int64, finished [B] bool); rank 0 only. ``scores``: float32
+# logits [B, vocab], or under greedy decoding the ids already chosen, [B] int64.
 Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -52,9 +54,11 @@ def full_logits(model: nn.Module, prompts: list[list[int]]) -> list[torch.Tensor
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | list[int], choose: Chooser | None,
-             group: dist.ProcessGroup | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             group: dist.ProcessGroup | None = None, on_step: Callable[[torch.Tensor], None] | None = None,
+             greedy: bool = False) -> torch.Tensor:
     """Prefill ``prompts`` together, then decode up to ``max_new_tokens`` steps (one number, or
     one per prompt: rows are then held to their own count only by the context check).
+    ``greedy``: every row takes its most likely token, so ``choose`` gets ids, not logits.
 
     ``choose`` runs on rank 0 only (others pass None). Returns the chosen tokens [B, steps]
     on every rank; rows that finished keep decoding (their later tokens are ignored by the
@@ -81,14 +85,15 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | l
     key_pos[:, :width] = pos
     next_pos = torch.tensor([len(p) for p in prompts], device=device)
     step = model.make_step(pos.clamp(min=0), key_pos[:, :width], 0, dtype)
-    logits = model(ids, step, cache, last_only=True, gather="rank0")
+    gather = "argmax" if greedy else "rank0"
+    logits = model(ids, step, cache, last_only=True, gather=gather)
     is_rank0 = group_rank(model.group) == 0
     finished = torch.zeros(batch, dtype=torch.bool)
     chosen = []
     packet = torch.zeros(batch + 1, dtype=torch.long, device=device)  # tokens, then "all done"
     for i in range(max_new_tokens):
         if is_rank0:
-            tokens, done = choose(logits[:, -1].float(), i)
+            tokens, done = choose(logits[:, -1] if greedy else logits[:, -1].float(), i)
             finished |= done.cpu()
             packet[:batch] = tokens
             packet[batch] = int(bool(finished.all()) or i == max_new_tokens - 1)
@@ -105,7 +110,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | l
         col = torch.full((batch, 1), slot, dtype=torch.long, device=device) if compiled else slot
         step = model.make_step(next_pos[:, None], key_pos[:, :slot + 1], col, dtype)
         next_pos = next_pos + 1
-        logits = model(tokens[:, None], step, cache, last_only=True, gather="rank0", compiled=compiled)
+        logits = model(tokens[:, None], step, cache, last_only=True, gather=gather, compiled=compiled)
     return torch.stack(chosen, dim=1).cpu()
 
 

@@ -31,9 +31,9 @@ def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = N
         return prefill_slot(model, state["slots"], cmd[1], cmd[2])
     if kind == "slots_decode":
         return decode_slots(model, state["slots"], cmd[1], cmd[2])
-    if kind == "generate":
-        _, prompts, max_new = cmd
-        return generate(model, prompts, max_new, choose, on_step=on_step)
+    if kind == "generate":  # ("generate", prompts, budgets[, greedy])
+        _, prompts, max_new, *greedy = cmd
+        return generate(model, prompts, max_new, choose, on_step=on_step, greedy=bool(greedy and greedy[0]))
     if kind == "logits":
         return full_logits(model, cmd[1])
     if kind == "save":  # ("save", path[, overwrite]): every rank writes its own file

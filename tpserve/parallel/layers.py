@@ -254,13 +254,26 @@ class VocabParallelEmbedding(_TPModule):
                 f"(rank {self.tp_rank}: ids {self.vocab_start}:{self.vocab_end})")
 
 
+def vocab_argmax(logits: torch.Tensor, start: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``argmax`` over the whole vocabulary of logits split by vocabulary (this rank's slice
+    begins at id ``start``), on every rank: each rank's best value and id meet in one tiny
+    gather instead of every logit. Ties go to the lowest id, as ``torch.argmax``'s do."""
+    best, idx = logits.detach().float().max(-1)  # the first of equal maxima
+    mine = torch.stack([best.double(), (idx + start).double()], dim=-1)[None]  # ids are exact in float64
+    world = comm.group_size(group)
+    every = comm.all_gather(mine, dim=0, group=group, sizes=[1] * world)  # [world, ..., 2]
+    rank = every[..., 0].argmax(0, keepdim=True)  # the first rank with the maximum holds the lowest id
+    return every[..., 1].gather(0, rank)[0].long()
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection split by vocabulary, the same way as :class:`VocabParallelEmbedding`,
     so a tied head can share the embedding's shard.
 
     ``forward`` returns this rank's logits slice unless ``gather_output`` asks for the full
     vocabulary; ``gather_output="rank0"`` gathers them on group-rank 0 only (others get None),
-    which is all that sampling on rank 0 needs.
+    which is all that sampling on rank 0 needs; ``"argmax"`` gives every rank the index of the
+    largest logit (:func:`vocab_argmax`), which is all that greedy decoding needs.
     """
 
     def __init__(self, embedding_dim: int, num_embeddings: int, bias: bool = False, gather_output: bool | str = True, *,
@@ -282,6 +295,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
         logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
         mode = self.gather_output if gather_output is None else gather_output
+        if mode == "argmax":
+            return vocab_argmax(logits, self.vocab_start, self.group)
         if not mode or self.tp_size == 1:
             return logits
         if mode == "rank0":
