@@ -11,8 +11,9 @@ even-head Llama built once in --dir), same prompt, same machine, fp32 on CPU unl
 Batch-1 decode is bound by memory bandwidth: every token reads every weight once (one row of an
 untied input embedding), so the roofline is (memory read bandwidth) / (bytes per token); the
 table reports each engine's fraction of it, against the bandwidth measured just before and after
-that engine's runs (the higher of the two) by summing a buffer the size of the weights, since a
-shared VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is
+that engine's runs (the higher of the two) by summing a buffer the size of the weights, in the
+engine's thread layout (TP=N: N threads at once, each on its rank's cores), since a shared
+VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is
 that warm-up, which for --compile rows includes torch.compile. With --rounds R every tpserve
 configuration runs R times, interleaved (TP=1, TP=2, TP=1, TP=2, ...), and "vs TP=1" is the
 median over rounds of each round's ratio to that round's TP=1, so slow minutes of a shared
@@ -41,26 +42,52 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # _common, for random-281m
 
 
-def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> float:
+def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
     """GB/s of summing a buffer of ``nbytes`` (the weights' size: this VM reports a large shared
-    L3, so a smaller buffer would overstate the bandwidth), with all torch threads."""
-    x = torch.ones(max(nbytes, 2**26) // 4)
-    x.sum()
+    L3, so a smaller buffer would overstate the bandwidth) in the thread layout of TP=``tp``:
+    with all torch threads at TP=1; else ``tp`` threads at once, each on its rank's cores
+    (``rank_cores``) with one torch thread per core, summing its 1/tp of the buffer."""
+    import threading
+
+    from tpserve.utils.cpus import rank_cores
+
+    pieces = [torch.ones(max(nbytes, 2**26) // 4 // tp) for _ in range(tp)]
+    if tp == 1:
+        def one(x, cores):
+            x.sum()
+    else:
+        def one(x, cores):
+            if cores:
+                os.sched_setaffinity(0, cores)  # this thread only
+            x.sum()
+    threads_before = torch.get_num_threads()
+    layout = [rank_cores(r, tp) for r in range(tp)] if tp > 1 else [None]
+    if tp > 1:
+        torch.set_num_threads(max(1, len(layout[0] or [0])))
     times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    try:
+        for i in range(reps + 1):
+            workers = [threading.Thread(target=one, args=(x, c)) for x, c in zip(pieces, layout)]
+            t = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            if i:  # the first pass warms up
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads_before)
+    return sum(x.numel() for x in pieces) * 4 / statistics.median(times) / 1e9
 
 
-def _with_bandwidth(fn, nbytes: int):
+def _with_bandwidth(fn, nbytes: int, tp: int = 1):
     """``fn()``'s result and the memory read bandwidth measured just before and just after it
-    (the higher one): a shared VM's bandwidth drifts by 2x over minutes, so each engine is held
-    to the bandwidth of its own moment, and the higher reading makes the stricter roofline."""
-    before = read_bandwidth(nbytes)
+    (the higher one), in its thread layout: a shared VM's bandwidth drifts by 2x over minutes,
+    so each engine is held to the bandwidth of its own moment, and the higher reading makes the
+    stricter roofline."""
+    before = read_bandwidth(nbytes, tp=tp)
     out = fn()
-    return out, max(before, read_bandwidth(nbytes))
+    return out, max(before, read_bandwidth(nbytes, tp=tp))
 
 
 def _median_time(fn, reps: int) -> float:
@@ -219,13 +246,13 @@ def main() -> None:
     for _ in range(args.rounds):
         for tp, compiled in configs:
             out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled,
-                                                            args.dtype), per_token)
+                                                            args.dtype), per_token, tp)
             runs[(tp, compiled)].append((*out, bw))
         for tp in args.vllm_tp:
             if tp in skipped:
                 continue
             out, bw = _with_bandwidth(lambda: bench_vllm(args.vllm_python, path, tp, args.prompt_len, args.new,
-                                                         args.reps, args.dtype), per_token)
+                                                         args.reps, args.dtype), per_token, tp)
             if isinstance(out, str):
                 skipped[tp] = out
                 print(f"vLLM TP={tp} skipped: {out}", flush=True)
@@ -238,7 +265,7 @@ def main() -> None:
             rows.append(("vLLM CPU", tp, results))
     print(f"\nmodel {path.name}: {per_token / 1e6:.0f} MB of {args.dtype} weights read per decoded token "
           f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens, {args.rounds} round(s))")
-    print("roofline = memory read bandwidth (measured around each engine's runs) / bytes per token\n")
+    print("roofline = memory read bandwidth (measured around each engine's runs, in its TP layout) / bytes per token\n")
     med = statistics.median
     base = med(r[1] for r in rows[0][2]) if not args.no_transformers else None
     print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'16 rows tok/s':>15}{'read GB/s':>11}"
