@@ -40,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from _common import make_checkpoint
 
 from tpserve.parallel.launch import launch_local
-
-from _common import make_checkpoint
 
 STEP = 64 << 20
 
@@ -151,7 +150,7 @@ def _dcp_state(src: str, empty: bool) -> dict:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from tpserve.models import load_config, load_model, model_class
-    from tpserve.models.layout import param_shards
+    from tpserve.parallel.shards import param_shards
 
     if empty:
         with torch.device("meta"):

@@ -161,7 +161,7 @@ def bench_vllm(python: Path, path: Path, tp: int, prompt_len: int, new: int, rep
         if line.startswith("VLLM_ROW "):
             r = json.loads(line.removeprefix("VLLM_ROW "))
             return r["prefill"], r["decode"], r["rows16"], r["first"]
-    errors = [l for l in (run.stderr + run.stdout).splitlines() if "Error" in l and "Attempted" not in l]
+    errors = [ln for ln in (run.stderr + run.stdout).splitlines() if "Error" in ln and "Attempted" not in ln]
     return f"exit code {run.returncode}: {(errors or ['no output'])[-1].strip()[-300:]}"
 
 
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write decode tok/s against TP degree to this PNG")
     args = parser.parse_args()
 
-    from tpserve.engine.llm import resolve_model_path
+    from tpserve.checkpoint.resolve import resolve_model_path
     from tpserve.parallel import shm
 
     if args.model == "random-281m":

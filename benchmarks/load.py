@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from _common import make_checkpoint
 
 from tpserve.parallel.launch import launch_local
-
-from _common import make_checkpoint
 
 MB = 1e6
 CHUNK = 64 * 1024 * 1024

@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from tpserve.engine.llm import resolve_model_path
+    from tpserve.checkpoint.resolve import resolve_model_path
     from tpserve.utils.net import free_port
 
     path = str(resolve_model_path(args.model))

@@ -29,10 +29,10 @@ def _setup(rank: int, world: int, port: int, comm_timeout: float) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=comm_timeout))
-    from tpserve.parallel import set_default_timeout, shm
+    from tpserve.parallel import set_default_timeout, shm_setup
 
     set_default_timeout(comm_timeout)
-    shm.attach(dist.group.WORLD, comm_timeout)  # as an engine's group does: the suite runs over shared memory
+    shm_setup.attach(dist.group.WORLD, comm_timeout)  # as an engine's group does: the suite runs over shared memory
 
 
 def _serve(rank: int, world: int, port: int, conn, comm_timeout: float) -> None:

@@ -129,7 +129,7 @@ def test_layout_on_disk(ckpt4, src):
 
 def test_convert_writes_the_same_rank_files_as_a_live_save(ckpt4, src, tmp_path, monkeypatch):
     import tpserve.checkpoint.manifest as manifest
-    from tpserve.checkpoint.sharded import convert
+    from tpserve.models.convert import convert
 
     monkeypatch.setattr(manifest, "CHUNK_BYTES", CHUNK_BYTES)
     out = convert(src[0], tmp_path / "conv", 4, progress=False)
@@ -187,7 +187,7 @@ def math_prod(shape) -> int:
 
 
 def test_saving_over_a_checkpoint_needs_overwrite(ckpt4, src, tmp_path):
-    from tpserve.checkpoint.sharded import convert, verify
+    from tpserve.models.convert import convert, verify
 
     dst = tmp_path / "c"
     shutil.copytree(ckpt4, dst)
@@ -209,7 +209,7 @@ def _tensor_span(path: Path, rank: int, name: str) -> tuple[int, int]:
 
 def test_flipped_byte_is_caught_by_verify_and_by_every_loading_rank(tp_run, damaged):
     from tpserve.checkpoint.safetensors_io import CheckpointError
-    from tpserve.checkpoint.sharded import verify
+    from tpserve.models.convert import verify
 
     d = damaged()
     name = "model.layers.1.mlp.down_proj.weight"  # split along dim 1: checksum chunks are strided
@@ -229,7 +229,8 @@ def test_flipped_byte_is_caught_by_verify_and_by_every_loading_rank(tp_run, dama
 
 def test_truncated_and_missing_files(tp_run, damaged):
     from tpserve.checkpoint.safetensors_io import CheckpointError
-    from tpserve.checkpoint.sharded import checkpoint_problem, verify
+    from tpserve.checkpoint.sharded import checkpoint_problem
+    from tpserve.models.convert import verify
 
     d = damaged()
     f = d / "rank-00001-of-00004.safetensors"
@@ -248,7 +249,7 @@ def test_truncated_and_missing_files(tp_run, damaged):
 
 def test_damaged_manifest_is_named(damaged):
     from tpserve.checkpoint.safetensors_io import CheckpointError
-    from tpserve.checkpoint.sharded import verify
+    from tpserve.models.convert import verify
 
     d = damaged()
     m = _manifest(d)
@@ -263,6 +264,7 @@ def test_damaged_manifest_is_named(damaged):
 _SLOW_SAVE = textwrap.dedent("""
     import sys, time
     from tpserve.checkpoint import sharded
+    from tpserve.models.convert import convert
     real, calls = sharded._write_all, []
 
     def write_then_stall(fd, data):  # a save that is mid-way through writing its rank files
@@ -273,13 +275,14 @@ _SLOW_SAVE = textwrap.dedent("""
             time.sleep(120)
 
     sharded._write_all = write_then_stall
-    sharded.convert(sys.argv[1], sys.argv[2], 2, progress=False)
+    convert(sys.argv[1], sys.argv[2], 2, progress=False)
 """)
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tp_run, src, ckpt4, tmp_path):
-    from tpserve.checkpoint.sharded import convert, find_latest_checkpoint
-    from tpserve.engine.llm import resolve_model_path
+    from tpserve.checkpoint.resolve import resolve_model_path
+    from tpserve.checkpoint.sharded import find_latest_checkpoint
+    from tpserve.models.convert import convert
 
     root = tmp_path / "run"
     root.mkdir()
@@ -307,8 +310,8 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tp_run, src,
 
 
 def test_root_with_only_incomplete_checkpoints(tmp_path, ckpt4):
+    from tpserve.checkpoint.resolve import resolve_model_path
     from tpserve.checkpoint.safetensors_io import CheckpointError
-    from tpserve.engine.llm import resolve_model_path
 
     (tmp_path / "step-5").mkdir()
     shutil.copy(ckpt4 / "rank-00000-of-00004.safetensors", tmp_path / "step-5")

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from distpool import spawn_once
+
 from tpserve.parallel import (
     ColumnParallelLinear,
     CommError,

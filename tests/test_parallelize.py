@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_layers import assert_close
 from torch import nn
 
-from test_layers import assert_close
 from tpserve.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,

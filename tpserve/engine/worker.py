@@ -75,8 +75,9 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         if cores:
             os.sched_setaffinity(0, cores)  # before torch starts its threads, which inherit it
         torch.set_num_threads(len(cores) if cores else max(1, (os.cpu_count() or 1) // world))
-        from tpserve.engine.llm import engine_device, engine_store, join_engine_group
         from tpserve.models import load_model
+
+        from .group import engine_device, engine_store, join_engine_group
 
         dev = engine_device(device, rank)
         store = engine_store(port, world, is_master=False)

@@ -4,7 +4,7 @@ Every function here waits at most ``timeout`` seconds (default: the group's own 
 by the engine that owns it, else ``TPSERVE_COMM_TIMEOUT`` or 300) and turns a dead or silent
 peer into a :class:`CommError` that says which rank was waiting and for whom, instead of
 hanging forever. Groups are asked for their rank and size themselves, so a group built
-without torch's default group (an engine's own, see ``config.stateless_group``) works
+without torch's default group (an engine's own, see ``groups.stateless_group``) works
 everywhere the default one does.
 """
 
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import config as _config
+from . import deadlines as _deadlines
 from . import shm as _shm
 
 
@@ -34,7 +34,7 @@ _group_timeouts: dict[object, float] = {}
 
 def set_default_timeout(seconds: float) -> None:
     """Deadline for every later collective on a group without a deadline of its own."""
-    _config.DEFAULT_TIMEOUT_S = float(seconds)
+    _deadlines.DEFAULT_TIMEOUT_S = float(seconds)
 
 
 def set_group_timeout(group: dist.ProcessGroup, seconds: float | None) -> None:
@@ -46,7 +46,7 @@ def set_group_timeout(group: dist.ProcessGroup, seconds: float | None) -> None:
 
 
 def group_timeout(group: dist.ProcessGroup | None = None) -> float:
-    return _group_timeouts.get(get_group(group), _config.DEFAULT_TIMEOUT_S)
+    return _group_timeouts.get(get_group(group), _deadlines.DEFAULT_TIMEOUT_S)
 
 
 @contextlib.contextmanager

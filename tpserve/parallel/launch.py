@@ -17,10 +17,10 @@ from tpserve.utils.net import free_port
 def _entry(rank: int, fn: Callable, world: int, port: int, backend: str | None, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from .config import init_distributed
-
     import torch
     import torch.distributed as dist
+
+    from .config import init_distributed
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     init_distributed(backend=backend)

@@ -35,7 +35,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tpserve.engine.detokenizer import max_token_chars
 from tpserve.engine.sampling import SamplingParams
 
-from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyTooLarge, PromptTooLong, Tokenizing, counted, declared_too_large, drain
+from .limits import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    BodyTooLarge,
+    PromptTooLong,
+    Tokenizing,
+    counted,
+    declared_too_large,
+    drain,
+)
 
 POLL_S = 0.5  # how often a waiting request re-checks engine health (a safety net: the engine also sends "error")
 UNHEALTHY_GRACE_S = 2.0  # after the engine fails, keep answering 503s this long, then exit
