@@ -110,7 +110,7 @@ def _fingerprint(model: torch.nn.Module) -> float:
 
 
 def tpserve_load_rank(path: str, zero_copy: bool, outdir: str, key: str) -> None:
-    import tpserve.checkpoint.sharded as sharded
+    import tpserve.checkpoint.load as sharded
     import tpserve.models.loading as loading
 
     phases: dict[str, float] = {}
@@ -239,7 +239,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    from tpserve.checkpoint.sharded import CRC32_IMPL, convert, verify
+    from tpserve.checkpoint.sharded import CRC32_IMPL
+    from tpserve.models.convert import convert, verify
 
     started = time.perf_counter()
     src = make_checkpoint(args.dir)

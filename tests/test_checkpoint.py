@@ -149,8 +149,8 @@ def test_tp4_checkpoint_loads_bit_exact_at_every_degree(tp_run, src, ckpt4, tp):
 
 
 def test_reads_own_file_at_same_degree_and_only_overlapping_bytes_when_resharding(ckpt4, src):
+    from tpserve.checkpoint.load import piece_bytes, plan_reads
     from tpserve.checkpoint.manifest import read_manifest
-    from tpserve.checkpoint.sharded import piece_bytes, plan_reads
     from tpserve.models import load_config
     from tpserve.models.layout import layout
 
@@ -229,7 +229,7 @@ def test_flipped_byte_is_caught_by_verify_and_by_every_loading_rank(tp_run, dama
 
 def test_truncated_and_missing_files(tp_run, damaged):
     from tpserve.checkpoint.safetensors_io import CheckpointError
-    from tpserve.checkpoint.sharded import checkpoint_problem
+    from tpserve.checkpoint.verify import checkpoint_problem
     from tpserve.models.convert import verify
 
     d = damaged()
@@ -263,9 +263,9 @@ def test_damaged_manifest_is_named(damaged):
 
 _SLOW_SAVE = textwrap.dedent("""
     import sys, time
-    from tpserve.checkpoint import sharded
+    from tpserve.checkpoint import save
     from tpserve.models.convert import convert
-    real, calls = sharded._write_all, []
+    real, calls = save._write_all, []
 
     def write_then_stall(fd, data):  # a save that is mid-way through writing its rank files
         real(fd, data)
@@ -274,14 +274,14 @@ _SLOW_SAVE = textwrap.dedent("""
             print("writing", flush=True)
             time.sleep(120)
 
-    sharded._write_all = write_then_stall
+    save._write_all = write_then_stall
     convert(sys.argv[1], sys.argv[2], 2, progress=False)
 """)
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tp_run, src, ckpt4, tmp_path):
     from tpserve.checkpoint.resolve import resolve_model_path
-    from tpserve.checkpoint.sharded import find_latest_checkpoint
+    from tpserve.checkpoint.verify import find_latest_checkpoint
     from tpserve.models.convert import convert
 
     root = tmp_path / "run"

@@ -1,6 +1,7 @@
 """tpserve: tensor-parallel LLM inference in plain PyTorch."""
 
-from .checkpoint.sharded import find_latest_checkpoint, save_checkpoint
+from .checkpoint.save import save_checkpoint
+from .checkpoint.verify import find_latest_checkpoint
 from .engine.llm import LLM, CompletionOutput, RequestOutput
 from .engine.sampling import SamplingParams
 from .models.loading import load_model

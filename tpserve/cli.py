@@ -115,10 +115,10 @@ def _generate(args) -> None:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
              compile=args.compile, tokenizer=args.tokenizer) as llm:
-        prompt = args.prompt
         if args.chat:
-            prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-        out = llm._generate([prompt], params, on_text=_print_delta, add_special_tokens=not args.chat)
+            out = llm.chat([{"role": "user", "content": args.prompt}], params, on_text=_print_delta)
+        else:
+            out = llm.generate([args.prompt], params, on_text=_print_delta)
         if llm.rank == 0:
             print(flush=True)
             if out[0].outputs[0].finish_reason == "length":
@@ -148,8 +148,7 @@ def _chat(args) -> None:
                 break
             messages.append({"role": "user", "content": line})
             sys.stdout.write("model> ")
-            out = llm._generate([llm.apply_chat_template(messages)], params, on_text=_print_delta,
-                                add_special_tokens=False)
+            out = llm.chat(messages, params, on_text=_print_delta)
             print(flush=True)
             messages.append({"role": "assistant", "content": out[0].outputs[0].text})
 

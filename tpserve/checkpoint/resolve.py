@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .default_model import converted_gguf_path, default_model_path
-from .sharded import resolve_checkpoint
+from .verify import resolve_checkpoint
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:

@@ -44,9 +44,10 @@ from tpserve.parallel.deadlines import ENGINE_TIMEOUT_S, STARTUP_TIMEOUT_S
 from tpserve.utils.cpus import rank_cores
 
 from . import commands
-from .detokenizer import IncrementalDetokenizer, has_tokenizer_files
+from .detokenizer import has_tokenizer_files
 from .group import engine_device, engine_store, join_engine_group
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams
+from .sequence import Sequence
 from .worker import execute, worker_main
 
 
@@ -160,8 +161,8 @@ class LLM:
         self.eos_ids = eos_token_ids(self.model_path, config, self.tokenizer)
         timeout = comm_timeout if comm_timeout is not None else ENGINE_TIMEOUT_S
         world = _torchrun_world()
-        self.external = world > 1  # started by torchrun: every rank runs this constructor
-        if self.external:
+        self.under_torchrun = world > 1  # every rank runs this constructor
+        if self.under_torchrun:
             if world != tensor_parallel_size:
                 raise ValueError(f"running under torchrun with WORLD_SIZE={world} but tensor_parallel_size="
                                  f"{tensor_parallel_size}; make them equal")
@@ -195,7 +196,7 @@ class LLM:
         except CommError as exc:  # say which worker it was, if one died
             if not self._worker_died():
                 raise
-            raise WorkerError(f"loading failed: a worker process stopped ({self._workers_story()})") from exc
+            raise WorkerError(f"loading failed: a worker process stopped ({self._how_workers_ended()})") from exc
         self._wait_for("ready")
         self.vocab_size = self.model.spec.vocab_size
         self.context = self.model.spec.max_position_embeddings
@@ -213,16 +214,21 @@ class LLM:
             proc.start()
     # ---- public API ---------------------------------------------------------------------
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 on_text: Callable[[int, str], None] | None = None) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); all prompts run as one batch.
-        Without a tokenizer, prompts must be token ids and the outputs' ``text`` is empty."""
-        return self._generate(prompts, sampling_params)
+        Without a tokenizer, prompts must be token ids and the outputs' ``text`` is empty.
+        ``on_text(i, delta)``, if given, is called on rank 0 as prompt i's text grows (streaming
+        to a terminal); stop strings are held back until they cannot be the start of one."""
+        return self._generate(prompts, sampling_params, on_text)
 
-    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             on_text: Callable[[int, str], None] | None = None) -> list[RequestOutput]:
+        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them,
+        through the tokenizer's chat template; ``on_text`` as in :meth:`generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.apply_chat_template(c) for c in conversations]
-        return self._generate(prompts, sampling_params, add_special_tokens=False)
+        return self._generate(prompts, sampling_params, on_text, add_special_tokens=False)
 
     def logits(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Full-vocabulary float32 CPU logits [len, vocab] at every position of each sequence."""
@@ -231,15 +237,15 @@ class LLM:
             if len(p) > self.context:
                 raise ValueError(f"sequence {i} has {len(p)} tokens; the model's context is {self.context}")
         out = self._run(("logits", prompts))
-        if self.external:
+        if self.under_torchrun:
             out = broadcast_object(out if self.rank == 0 else None, 0, self.group)
         return out
 
     def save_sharded(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save the model as a tpserve checkpoint (docs/checkpoint-format.md): every rank writes
         its own file; load it later at any TP degree with ``LLM(model=path, ...)``."""
-        if not self.external:  # refuse a bad target here: a failed save would end the workers
-            from tpserve.checkpoint.sharded import check_save_target
+        if not self.under_torchrun:  # refuse a bad target here: a failed save would end the workers
+            from tpserve.checkpoint.save import check_save_target
 
             check_save_target(path, overwrite)
         return self._run(("save", str(path), overwrite))
@@ -278,7 +284,7 @@ class LLM:
         self._kill_workers()
         if self.group is not None:
             set_group_timeout(self.group, None)
-            if not self.external:
+            if not self.under_torchrun:
                 shm.detach(self.group)
                 with contextlib.suppress(Exception):  # already broken when a peer died
                     self.group.shutdown()
@@ -330,12 +336,12 @@ class LLM:
                     proc.join(timeout=5)
                     break
             if msg is None:
-                raise WorkerError(f"worker rank {rank} failed to start: {self._worker_story(rank, proc, conn)}{hint}")
+                raise WorkerError(f"worker rank {rank} failed to start: {self._how_worker_ended(rank, proc, conn)}{hint}")
             if msg[0] != what:
                 raise WorkerError(f"worker rank {rank} failed to start: {msg[1]}")
 
     @staticmethod
-    def _worker_story(rank: int, proc: mp.Process, conn) -> str:
+    def _how_worker_ended(rank: int, proc: mp.Process, conn) -> str:
         try:
             if conn.poll(0):
                 msg = conn.recv()
@@ -352,7 +358,7 @@ class LLM:
     def _run(self, cmd: tuple, choose=None, on_step=None):
         if self._closed:
             raise RuntimeError("this LLM has been closed; create a new one")
-        if self.external:
+        if self.under_torchrun:
             cmd = broadcast_object(cmd if self.rank == 0 else None, 0, self.group)
             with self._compute():
                 return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
@@ -380,15 +386,15 @@ class LLM:
             time.sleep(0.05)
         return bool(self._workers)
 
-    def _workers_story(self) -> str:
+    def _how_workers_ended(self) -> str:
         """What happened to the workers that stopped (all of them, if none has)."""
         time.sleep(0.5)  # let a dying worker finish dying, so we can say which one it was
-        stories = [f"rank {r}: {self._worker_story(r, p, c)}"
+        stories = [f"rank {r}: {self._how_worker_ended(r, p, c)}"
                    for r, (p, c) in enumerate(zip(self._workers, self._conns), start=1)]
         return "; ".join([s for s in stories if "alive" not in s] or stories)
 
     def _fail(self, what: str, exc: BaseException | None):
-        detail = self._workers_story()
+        detail = self._how_workers_ended()
         self._release()
         raise WorkerError(f"{what} failed: a worker process stopped ({detail}); all tpserve processes were stopped, "
                           f"create a new LLM to continue") from exc
@@ -433,7 +439,7 @@ class LLM:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {self.context} tokens, "
                                  f"so it leaves no room to generate")
             budgets.append(min(sp.max_tokens, self.context - len(ids)))
-        states = [_Request(self, sp, budget) for sp, budget in zip(params, budgets)]
+        states = [Sequence(self, sp, budget) for sp, budget in zip(params, budgets)]
 
         greedy = all(sp.temperature == 0 for sp in params)
 
@@ -453,63 +459,6 @@ class LLM:
         if self.rank == 0:
             outs = [RequestOutput(prompt, ids, [CompletionOutput(0, st.text, st.token_ids, st.reason)])
                     for (prompt, ids), st in zip(encoded, states)]
-        if self.external:
+        if self.under_torchrun:
             outs = broadcast_object(outs, 0, self.group)
         return outs
-
-
-class _Request:
-    """Rank 0's view of one sequence being generated: sampling state, text and stop checks."""
-
-    def __init__(self, llm: LLM, params: SamplingParams, budget: int) -> None:
-        if params.stop and llm.tokenizer is None:
-            llm._need_tokenizer("stop strings")
-        self.llm, self.params, self.budget = llm, params, budget
-        self.generator = make_generator(params)
-        self.detok = IncrementalDetokenizer(llm.tokenizer) if llm.tokenizer is not None else None
-        self.token_ids: list[int] = []
-        self.text, self.delta, self.reason = "", "", None
-        self._emitted = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.reason is not None
-
-    def pick(self, logits: torch.Tensor) -> int:
-        return self.accept(sample(logits, self.params, self.generator))
-
-    def accept(self, token: int) -> int:
-        """Take ``token`` as this sequence's next: stop checks, text, what to stream."""
-        self.delta = ""
-        if token in self.llm.eos_ids and not self.params.ignore_eos:
-            self.reason = "stop"
-            self._publish(self._whole_text())
-            return token
-        self.token_ids.append(token)
-        if self.detok is not None:
-            self.detok.add(token)
-        text = self.detok.text if self.detok is not None else ""
-        for stop in self.params.stop:
-            at = text.find(stop, max(0, self._emitted - len(stop)))
-            if at >= 0:
-                text, self.reason = text[:at], "stop"
-                break
-        if self.reason is None and len(self.token_ids) >= self.budget:
-            self.reason = "length"
-            text = self._whole_text()
-        shown = text
-        if self.reason is None and self.params.stop:  # hold back what could be the start of a stop string
-            keep = max(len(s) for s in self.params.stop) - 1
-            shown = text[:max(self._emitted, len(text) - keep)]
-        self._publish(shown, text)
-        return token
-
-    def _whole_text(self) -> str:
-        """All the text, an incomplete last character included (the sequence is over)."""
-        return self.detok.text + self.detok.tail if self.detok is not None else ""
-
-    def _publish(self, shown: str, text: str | None = None) -> None:
-        """``shown`` is what the caller may see so far; ``delta`` the part it has not seen yet."""
-        self.delta = shown[self._emitted:]
-        self._emitted = max(self._emitted, len(shown))
-        self.text = shown if text is None else text

@@ -16,8 +16,9 @@ from typing import Callable
 
 from tpserve.parallel.layers import REDUCE_ROWS
 
-from .llm import LLM, _Request
+from .llm import LLM
 from .sampling import SamplingParams
+from .sequence import Sequence
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Event:
 class _Seq:
     rid: int
     ids: list[int]
-    state: _Request
+    state: Sequence
     on_event: Callable[[Event], None]
     row: int = -1
     last: int = 0  # the token to feed next
@@ -106,7 +107,7 @@ class ServingEngine:
         if len(ids) + params.max_tokens > self.context:
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens; lower max_tokens or shorten the prompt")
-        seq = _Seq(next(self._ids), ids, _Request(self.llm, params, params.max_tokens), on_event)
+        seq = _Seq(next(self._ids), ids, Sequence(self.llm, params, params.max_tokens), on_event)
         with self._wake:  # checked under the lock the failure path takes, so no request is lost
             if not self.healthy:
                 raise RuntimeError(f"the engine is not running: {self.error or 'closed'}")

@@ -37,7 +37,7 @@ def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = N
     if kind == "logits":
         return full_logits(model, cmd[1])
     if kind == "save":  # ("save", path[, overwrite]): every rank writes its own file
-        from tpserve.checkpoint.sharded import save_checkpoint
+        from tpserve.checkpoint.save import save_checkpoint
 
         return save_checkpoint(model, cmd[1], overwrite=bool(cmd[2]) if len(cmd) > 2 else False)
     raise ValueError(f"unknown engine command {kind!r}")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tpserve.checkpoint import sharded
+from tpserve.checkpoint import save
+from tpserve.checkpoint import verify as checks
 from tpserve.checkpoint.resolve import resolve_model_path
+from tpserve.checkpoint.sharded import is_checkpoint
 
 from .layout import layout
 from .registry import load_config
@@ -21,17 +23,17 @@ def convert(src: str | os.PathLike, output: str | os.PathLike, tp: int, *, overw
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ValueError(f"the TP degree must be a positive integer, got {tp!r}")
     src_dir = resolve_model_path(src)
-    sharded.check_save_target(output, overwrite)  # before any work
+    save.check_save_target(output, overwrite)  # before any work
     config = load_config(src_dir)
-    return sharded.write_converted(src_dir, output, config, layout(config, tp), overwrite=overwrite,
+    return save.write_converted(src_dir, output, config, layout(config, tp), overwrite=overwrite,
                                    progress=progress)
 
 
 def verify(path: str | os.PathLike) -> dict:
-    """``checkpoint.sharded.verify`` (every file and checksum), and that the tensors are exactly
+    """``checkpoint.verify.verify`` (every file and checksum), and that the tensors are exactly
     the ones the checkpoint's config.json describes, full shapes included."""
     path = Path(path)
     expected = None
-    if sharded.is_checkpoint(path) and (path / "config.json").is_file():
+    if is_checkpoint(path) and (path / "config.json").is_file():
         expected = {name: s.full_shape for name, s in layout(load_config(path), 1)[0].items()}
-    return sharded.verify(path, expected)
+    return checks.verify(path, expected)

@@ -151,16 +151,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
 class Step:
     """What one forward call attends over; built once, shared by every layer.
 
-    positions: [B, T] rope positions of the new tokens.
     slots:     where the new tokens' K/V go in the cache: an int (same column for every row)
                or a [B, T] tensor of columns.
     mask:      additive float mask [B, 1, T, kv_len] over the first kv_len cache columns (all
                of them without a cache); finite, so padded rows never make NaNs.
-    cos, sin:  rope tables for ``positions``, [B, 1, T, head_dim]; ``sin`` carries
+    cos, sin:  rope tables for the new tokens' positions, [B, 1, T, head_dim]; ``sin`` carries
                rotate_half's sign in its first half (see ``_rope``).
     """
 
-    positions: torch.Tensor
     slots: int | torch.Tensor
     mask: torch.Tensor
     cos: torch.Tensor
@@ -361,7 +359,7 @@ class LlamaForCausalLM(nn.Module):
             allowed &= qp - kp < self.spec.sliding_window
         mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return Step(positions, slots, mask[:, None], cos, sin)
+        return Step(slots, mask[:, None], cos, sin)
 
     def forward(self, input_ids: torch.Tensor, step: Step, kv_cache: list | None = None,
                 last_only: bool = False, gather: bool | str = True, compiled: bool = False) -> torch.Tensor | None:

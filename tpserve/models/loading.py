@@ -53,7 +53,8 @@ def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | 
     All ranks agree on failure: if any rank hits an error, every rank raises it, so none is
     left waiting in a collective. Returns the bytes this rank read.
     """
-    from tpserve.checkpoint.sharded import is_checkpoint, load_sharded_weights
+    from tpserve.checkpoint.load import load_sharded_weights
+    from tpserve.checkpoint.sharded import is_checkpoint
 
     if is_checkpoint(path):  # a tpserve sharded checkpoint: the rank's own file, or a reshard
         return load_sharded_weights(model, path, group, threads, progress)

@@ -363,7 +363,7 @@ def _endpoint_label(path: str) -> str:
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
-def _edge(app: ASGIApp, metrics: Metrics, api_key: str | None, max_request_bytes: int) -> ASGIApp:
+def _outer_middleware(app: ASGIApp, metrics: Metrics, api_key: str | None, max_request_bytes: int) -> ASGIApp:
     """Outermost ASGI layer: the API-key check (before the body is read), the body-size limit
     (as the body arrives) and request counting."""
     expected = f"Bearer {api_key}".encode() if api_key else None
@@ -569,7 +569,7 @@ def create_app(engine, api_key: str | None = None, max_request_bytes: int = DEFA
                   version="0.1.0")
     metrics = _make_metrics(engine)
     app.state.engine, app.state.metrics = engine, metrics
-    app.add_middleware(_edge, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(_outer_middleware, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes)
     created = int(time.time())
     tok = None
     if engine.tokenizer is not None:

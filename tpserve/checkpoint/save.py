@@ -1,0 +1,412 @@
+"""Saving a sharded checkpoint from live ranks, and writing one from a model on disk in one
+process (``models.convert`` supplies the cut).
+
+Saving is atomic: files are written into a hidden sibling directory, fsynced, the manifest is
+written last, and one rename publishes the directory, so a crash at any point leaves either the
+old state or the new one, never a directory that looks complete and is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tpserve.parallel.shards import param_shards
+from tpserve.utils.fs import fsync_path, pid_alive
+from tpserve.version import __version__
+
+from .load import _fill, _open_rank, _OpenFile, plan_reads
+from .manifest import (
+    DTYPE_NAMES,
+    MANIFEST_NAME,
+    build_manifest,
+    chunk_length,
+    chunk_spans,
+    dump_manifest,
+    layout_ownership,
+    owned_cut,
+    rank_file_name,
+    read_manifest,
+)
+from .safetensors_io import CheckpointError, _bytes_view, open_checkpoint
+from .sharded import (
+    _CRC,
+    _OUT,
+    _WRITE_STEP,
+    AUX_PATTERNS,
+    DATA_ALIGN,
+    _caught,
+    _raise_agreed,
+    crc32,
+    is_checkpoint,
+)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor going into a rank file, in its local (this rank's) shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    split_dim: int | None
+    cut: int  # local index where this rank's owned region starts (see manifest.chunk_spans)
+
+
+def _entries(shards: dict, rank: int, owners: dict, dtype_of: Callable[[str], torch.dtype]) -> list[_Entry]:
+    """What rank ``rank``'s file holds: each tensor's local shape, and where its checksum chunks are cut."""
+    out = []
+    for name, s in shards.items():
+        shape = list(s.full_shape)
+        cut = 0
+        if s.dim is not None:
+            shape[s.dim] = s.end - s.start
+            cut = owned_cut(s.start, s.end, owners[name][rank])
+        out.append(_Entry(name, dtype_of(name), tuple(shape), s.dim, cut))
+    return out
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write in 16 MiB steps: one huge write() measured ~10x slower here (0.4 vs 5 GB/s)."""
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:done + _WRITE_STEP])
+
+
+def _chunk_crcs(t: torch.Tensor, e: _Entry, chunk: int) -> list[int]:
+    """CRC32 of each checksum chunk of ``t`` (a range of the split dimension), each chunk's
+    bytes taken in C order (docs/checkpoint-format.md)."""
+    if e.split_dim is None:
+        return [crc32(_CRC.bytes_of(t))]
+    spans = chunk_spans(t.shape[e.split_dim], e.cut, chunk)
+    return [crc32(_CRC.bytes_of(t.narrow(e.split_dim, lo, hi - lo))) for lo, hi in spans]
+
+
+def _write_rank_file(path: Path, rank: int, tp: int, entries: list[_Entry],
+                     fetch: Callable[[_Entry], torch.Tensor], on_bytes: Callable[[int], None] | None = None) -> dict:
+    """Write one rank's safetensors file, checksumming as it goes; fsynced before it returns.
+
+    Tensors are ordered by element size (largest first) so every shard starts aligned for its
+    dtype with no gaps, as safetensors requires. Returns what the manifest needs to know.
+    """
+    order = sorted(entries, key=lambda e: -e.dtype.itemsize)
+    header: dict = {"__metadata__": {"format": "pt", "tpserve_rank": str(rank), "tpserve_tp_size": str(tp)}}
+    pos = 0
+    for e in order:
+        n = math.prod(e.shape) * e.dtype.itemsize
+        header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
+    prefix = len(raw).to_bytes(8, "little") + raw
+    tensors = {}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(prefix))
+        crc = crc32(prefix)
+        for e in order:
+            t = fetch(e)
+            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                raise CheckpointError(f"{path}: tensor {e.name}: got {t.dtype} {list(t.shape)} to write, expected "
+                                      f"{e.dtype} {list(e.shape)}")
+            data = _bytes_view(t) if t.numel() else memoryview(b"")
+            crc = crc32(data, crc)
+            chunk = chunk_length(e.shape, e.split_dim, e.dtype.itemsize)
+            begin = len(prefix) + header[e.name]["data_offsets"][0]
+            tensors[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "offsets": [begin, begin + len(data)], "chunk": chunk,
+                               "crc32": _chunk_crcs(t, e, chunk)}
+            _write_all(fd, data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return {"rank": rank, "file": path.name, "size": size, "crc32": crc, "tensors": tensors}
+
+
+def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The absolute target directory, or an error if a checkpoint may not be saved there.
+
+    A new or empty directory is fine; an existing tpserve checkpoint only with ``overwrite``;
+    anything else (a transformers model directory, say) never, so a typo cannot delete data.
+    """
+    final = Path(path).expanduser().absolute()
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a directory; save the checkpoint to a new directory")
+    if is_checkpoint(final):
+        if not overwrite:
+            raise FileExistsError(f"{final} already holds a tpserve checkpoint; pass overwrite=True (--overwrite) "
+                                  f"to replace it, or save to a new directory")
+    elif final.is_dir() and any(final.iterdir()):
+        raise FileExistsError(f"{final} exists, is not empty and is not a tpserve checkpoint; refusing to replace "
+                              f"it: save to a new or empty directory")
+    return final
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    """Delete temporary directories of earlier saves to ``final`` whose process died (this host only:
+    a pid means nothing on another machine sharing the directory)."""
+    host = socket.gethostname()
+    for d in final.parent.glob(_tmp_prefix(final) + "*"):
+        try:
+            d_host, pid, _ = d.name[len(_tmp_prefix(final)):].rsplit("-", 2)
+            if d_host == host and not pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+        except ValueError:
+            continue
+
+
+def _make_tmp(final: Path, overwrite: bool) -> Path:
+    check_save_target(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+    tmp = final.parent / f"{_tmp_prefix(final)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Make the finished ``tmp`` visible as ``final``: one rename (or an atomic swap with the old
+    checkpoint when overwriting), so readers see the old checkpoint or the new one."""
+    try:
+        os.rename(tmp, final)  # also replaces an empty directory
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not (overwrite and is_checkpoint(final)):
+            raise FileExistsError(f"{final} was filled by someone else while saving; not replacing it") from None
+        if not _exchange(tmp, final):
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)  # the replaced checkpoint
+    fsync_path(final.parent)
+
+
+def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
+    """Copy config, tokenizer and generation files from ``src``; write config.json from the
+    live model's config if the source has none. Returns the config as saved."""
+    if src is not None and Path(src).is_dir():
+        for pattern in AUX_PATTERNS:
+            for f in sorted(Path(src).glob(pattern)):
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+                    fsync_path(tmp / f.name)
+    cfg = tmp / "config.json"
+    if not cfg.is_file():
+        if config is None:
+            raise CheckpointError(f"{src}: no config.json to save with the checkpoint")
+        config.to_json_file(cfg)
+        fsync_path(cfg)
+    return json.loads(cfg.read_text())
+
+
+def _write_manifest_and_publish(tmp: Path, final: Path, aux_src: Path | None, config, layouts: list[dict], records: list[dict],
+            overwrite: bool) -> None:
+    """Rank files are written and fsynced: add config and tokenizer, the manifest last, publish."""
+    for rec in records:
+        f = tmp / rec["file"]
+        if not f.is_file() or f.stat().st_size != rec["size"]:
+            raise CheckpointError(f"{f}: rank {rec['rank']}'s file is not visible (complete) from rank 0; save to a "
+                                  f"directory every rank shares")
+    cfg = _copy_aux(aux_src, tmp, config)
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    text = dump_manifest(build_manifest(cfg, len(records), layouts, records, created, __version__))
+    mpath = tmp / MANIFEST_NAME
+    mpath.write_text(text)
+    fsync_path(mpath)
+    fsync_path(tmp)
+    _publish(tmp, final, overwrite)
+
+
+def _host_tensor(p: torch.Tensor) -> torch.Tensor:
+    t = p.detach()
+    return (t.cpu() if t.device.type != "cpu" else t).contiguous()
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
+                    group: dist.ProcessGroup | None = None) -> Path:
+    """Save this rank's shards of ``model`` into the checkpoint directory ``path``.
+
+    Every rank of the group calls it; each writes its own file in parallel, rank 0 adds the
+    config, tokenizer and manifest and publishes the directory. All ranks return the same path
+    or raise the same error. ``path`` must be on storage every rank can see. ``group``
+    defaults to the model's own (a native tpserve model's), else the default group.
+    """
+    from tpserve.parallel import all_gather_object, broadcast_object, get_group, group_rank, group_size
+
+    group = get_group(group if group is not None else getattr(model, "group", None))  # a native model knows its own
+    rank, tp = group_rank(group), group_size(group)
+    final = Path(path).expanduser().absolute()
+    tmp, err = None, None
+    if rank == 0:
+        try:
+            tmp = str(_make_tmp(final, overwrite))
+        except Exception as exc:
+            err = _caught(exc)
+    tmp, err = broadcast_object((tmp, err) if rank == 0 else None, 0, group)
+    if err:
+        _raise_agreed([(0, err)], rank)
+    # Any failure must reach the other ranks (or they would wait in the next collective): each
+    # step's outcome travels with the gather that ends it.
+    shards, err = None, None
+    try:
+        shards = param_shards(model)
+    except Exception as exc:
+        err = _caught(exc)
+    gathered = all_gather_object((shards, err), group)  # every rank's cut: ownership decides the checksum chunks
+    errors = [(r, g[1]) for r, g in enumerate(gathered) if g[1]]
+    layouts = [g[0] for g in gathered]
+    if not errors:
+        record = None
+        try:
+            params = dict(model.named_parameters())
+            entries = _entries(shards, rank, layout_ownership(layouts), lambda n: params[n].dtype)
+            record = _write_rank_file(Path(tmp) / rank_file_name(rank, tp), rank, tp, entries,
+                                      lambda e: _host_tensor(params[e.name]))
+        except Exception as exc:
+            err = _caught(exc)
+        gathered = all_gather_object((record, err), group)
+        errors = [(r, g[1]) for r, g in enumerate(gathered) if g[1]]
+    if rank == 0 and not errors:
+        try:
+            _write_manifest_and_publish(Path(tmp), final, getattr(model, "source_path", None), getattr(model, "config", None),
+                    layouts, [g[0] for g in gathered], overwrite)
+        except Exception as exc:
+            errors = [(0, _caught(exc))]
+    if rank == 0 and errors:
+        shutil.rmtree(tmp, ignore_errors=True)
+    errors = broadcast_object(errors if rank == 0 else None, 0, group)
+    if errors:
+        _raise_agreed(errors, rank)
+    return final
+
+
+
+
+# ---- converting
+
+
+
+def _transformers_source(path: Path, shards: dict):
+    """(dtype_of, read) for a transformers directory: ranged reads of each slice. Every tensor
+    the model needs (``shards``: name -> layout Shard) is checked up front."""
+    refs = open_checkpoint(path)
+    for name, s in shards.items():
+        r = refs.get(name)
+        if r is None:
+            raise CheckpointError(f"{path}: tensor {name} is missing from the checkpoint")
+        if tuple(r.shape) != tuple(s.full_shape):
+            raise CheckpointError(f"{r.path}: tensor {name}: shape {list(r.shape)}, the model config.json describes "
+                                  f"expects {list(s.full_shape)}")
+
+    def read(name: str, shard, out: torch.Tensor, rank: int) -> None:
+        refs[name].read_into(out, shard.dim, shard.start, shard.end)
+
+    return (lambda name: refs[name].dtype), read
+
+
+def _tpserve_source(path: Path, shards: dict):
+    """(dtype_of, read) for a tpserve checkpoint: chunk-checked ranged reads, as when loading."""
+    manifest = read_manifest(path)
+    for name, s in shards.items():
+        plan_reads(manifest, name, s, 0)  # raises for a missing tensor or a shape mismatch
+    files: dict[int, _OpenFile] = {}
+    lock = threading.Lock()
+
+    def dtype_of(name: str) -> torch.dtype:
+        return manifest.tensors[name].dtype
+
+    def read(name: str, shard, out: torch.Tensor, rank: int) -> None:
+        pieces = plan_reads(manifest, name, shard, rank)
+        with lock:
+            for r in {p.rank for p in pieces} - files.keys():
+                files[r] = _open_rank(manifest, r)
+        _fill(out, pieces, manifest, files)
+
+    return dtype_of, read
+
+
+def write_converted(src_dir: Path, output: str | os.PathLike, config, layouts: list[dict], *,
+                    overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the model at ``src_dir`` (transformers directory or tpserve checkpoint) as a tpserve
+    checkpoint cut as ``layouts`` says (one ``param_shards`` dict per rank; ``models.convert``
+    asks the model for them), in this one process: each rank file is written by its own thread
+    from ranged reads of the source."""
+    tp = len(layouts)
+    final = check_save_target(output, overwrite)
+    dtype_of, read = (_tpserve_source if is_checkpoint(src_dir) else _transformers_source)(src_dir, layouts[0])
+    owners = layout_ownership(layouts)
+    entries = [_entries(layouts[r], r, owners, dtype_of) for r in range(tp)]
+    total = sum(math.prod(e.shape) * e.dtype.itemsize for es in entries for e in es)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to TP={tp}", leave=False, disable=None,
+                   mininterval=0.25)
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        if bar is not None:
+            with lock:
+                bar.update(n)
+
+    def write(rank: int) -> dict:
+        def fetch(e: _Entry) -> torch.Tensor:
+            out = _OUT.tensor(e.shape, e.dtype)
+            read(e.name, layouts[rank][e.name], out, rank)
+            return out
+
+        return _write_rank_file(tmp / rank_file_name(rank, tp), rank, tp, entries[rank], fetch, tick)
+
+    tmp = _make_tmp(final, overwrite)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(tp, os.cpu_count() or 1))) as pool:
+            records = list(pool.map(write, range(tp)))
+        _write_manifest_and_publish(tmp, final, src_dir, config, layouts, records, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return final
