@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpserve.utils.dtypes import DTYPE_NAME, MODEL_DTYPES
 from tpserve.utils.fs import fsync_path
 
 # Bump when the output layout changes: directories written by an older converter then count
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 MARKER_NAME = ".tpserve-converted.json"
 SUPPORTED_ARCHITECTURES = ("llama",)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {dt: DTYPE_NAME[dt] for dt in MODEL_DTYPES}  # what a conversion may write
 
 # GGUF tensor name -> transformers name; per-layer names get the block index substituted.
 _GLOBAL_TENSORS = {

@@ -31,7 +31,7 @@ from .manifest import (
     read_manifest,
 )
 from .safetensors_io import CheckpointError, read_header
-from .sharded import _CRC, _error_text, _narrow, crc32
+from .sharded import _CRC, _narrow, crc32
 
 
 @dataclass(frozen=True)
@@ -241,17 +241,15 @@ def load_sharded_weights(model: nn.Module, path: str | os.PathLike, group: dist.
     Every byte used is CRC-checked first; if any rank fails, every rank raises that error, so
     none waits in a collective. Returns the bytes this rank read.
     """
-    from tpserve.parallel import all_gather_object, get_group, group_rank
+    from tpserve.parallel import get_group, group_rank
+    from tpserve.parallel.agree import describe, gather_agreed
 
     group = get_group(group)
     rank = group_rank(group)
-    error, nbytes = None, 0
+    failure, nbytes = None, 0
     try:
         nbytes = _load_local(model, Path(path), rank, threads, progress and rank == 0, zero_copy)
     except Exception as exc:  # any failure must reach the other ranks, or they wait in the collective below
-        error = _error_text(exc)
-    bad = [(r, e) for r, e in enumerate(all_gather_object(error, group)) if e]
-    if bad:
-        r, e = bad[0]
-        raise CheckpointError(e if r == rank else f"rank {r}: {e}")
+        failure = describe(exc, (CheckpointError,))
+    gather_agreed(None, failure, group, CheckpointError)
     return nbytes

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tpserve.utils.dtypes import SAFETENSORS_CODES
+
 from .safetensors_io import DTYPES, CheckpointError
 
 MANIFEST_NAME = "tpserve.json"
@@ -24,7 +26,7 @@ CHECKSUM = "crc32"
 # Checksums cover ~1 MiB pieces of each shard, cut along its split dimension, so a resharding
 # rank can check the bytes it reads without reading the rest of an old shard.
 CHUNK_BYTES = 1 << 20
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_NAMES = SAFETENSORS_CODES  # torch dtype -> safetensors code, as the manifest writes it
 
 
 def rank_file_name(rank: int, tp: int) -> str:

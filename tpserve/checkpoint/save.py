@@ -52,7 +52,6 @@ from .sharded import (
     AUX_PATTERNS,
     DATA_ALIGN,
     _caught,
-    _raise_agreed,
     crc32,
     is_checkpoint,
 )
@@ -262,6 +261,9 @@ def _host_tensor(p: torch.Tensor) -> torch.Tensor:
     return (t.cpu() if t.device.type != "cpu" else t).contiguous()
 
 
+_KEEP = (FileExistsError,)  # raised as themselves on every rank; other failures as CheckpointError
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
                     group: dist.ProcessGroup | None = None) -> Path:
     """Save this rank's shards of ``model`` into the checkpoint directory ``path``.
@@ -271,7 +273,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     or raise the same error. ``path`` must be on storage every rank can see. ``group``
     defaults to the model's own (a native tpserve model's), else the default group.
     """
-    from tpserve.parallel import all_gather_object, broadcast_object, get_group, group_rank, group_size
+    from tpserve.parallel import broadcast_object, get_group, group_rank, group_size
+    from tpserve.parallel.agree import gather_agreed, raise_first
 
     group = get_group(group if group is not None else getattr(model, "group", None))  # a native model knows its own
     rank, tp = group_rank(group), group_size(group)
@@ -284,19 +287,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
             err = _caught(exc)
     tmp, err = broadcast_object((tmp, err) if rank == 0 else None, 0, group)
     if err:
-        _raise_agreed([(0, err)], rank)
-    # Any failure must reach the other ranks (or they would wait in the next collective): each
-    # step's outcome travels with the gather that ends it.
-    shards, err = None, None
+        raise_first([(0, err)], rank, CheckpointError, _KEEP)
+    # Each step's outcome travels with the gather that ends it (parallel.agree), so a failure on
+    # one rank is raised on all of them instead of leaving the others in the next collective.
     try:
-        shards = param_shards(model)
-    except Exception as exc:
-        err = _caught(exc)
-    gathered = all_gather_object((shards, err), group)  # every rank's cut: ownership decides the checksum chunks
-    errors = [(r, g[1]) for r, g in enumerate(gathered) if g[1]]
-    layouts = [g[0] for g in gathered]
-    if not errors:
-        record = None
+        shards, err = None, None
+        try:
+            shards = param_shards(model)
+        except Exception as exc:
+            err = _caught(exc)
+        layouts = gather_agreed(shards, err, group, CheckpointError, _KEEP)  # ownership decides the chunks
+        record, err = None, None
         try:
             params = dict(model.named_parameters())
             entries = _entries(shards, rank, layout_ownership(layouts), lambda n: params[n].dtype)
@@ -304,19 +305,21 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
                                       lambda e: _host_tensor(params[e.name]))
         except Exception as exc:
             err = _caught(exc)
-        gathered = all_gather_object((record, err), group)
-        errors = [(r, g[1]) for r, g in enumerate(gathered) if g[1]]
-    if rank == 0 and not errors:
-        try:
-            _write_manifest_and_publish(Path(tmp), final, getattr(model, "source_path", None), getattr(model, "config", None),
-                    layouts, [g[0] for g in gathered], overwrite)
-        except Exception as exc:
-            errors = [(0, _caught(exc))]
-    if rank == 0 and errors:
-        shutil.rmtree(tmp, ignore_errors=True)
-    errors = broadcast_object(errors if rank == 0 else None, 0, group)
-    if errors:
-        _raise_agreed(errors, rank)
+        records = gather_agreed(record, err, group, CheckpointError, _KEEP)
+        err = None
+        if rank == 0:
+            try:
+                _write_manifest_and_publish(Path(tmp), final, getattr(model, "source_path", None),
+                                            getattr(model, "config", None), layouts, records, overwrite)
+            except Exception as exc:
+                err = _caught(exc)
+        err = broadcast_object(err if rank == 0 else None, 0, group)
+        if err:
+            raise_first([(0, err)], rank, CheckpointError, _KEEP)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tpserve.parallel.agree import describe
+
 from .manifest import MANIFEST_NAME
 from .safetensors_io import CheckpointError, _bytes_view
 
@@ -71,16 +73,6 @@ def _narrow(t: torch.Tensor, axis: int | None, span: tuple[int, int]) -> torch.T
     return t if axis is None else t.narrow(axis, span[0], span[1] - span[0])
 
 
-def _error_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-
-
-def _raise_agreed(errors: list[tuple[int, tuple[str, str]]], rank: int) -> None:
-    """Raise the first rank's error on every rank (its own text on that rank, "rank r: ..." elsewhere)."""
-    r, (kind, text) = errors[0]
-    text = text if r == rank else f"rank {r}: {text}"
-    raise FileExistsError(text) if kind == "FileExistsError" else CheckpointError(text)
-
-
 def _caught(exc: BaseException) -> tuple[str, str]:
-    return type(exc).__name__, str(exc) if isinstance(exc, (CheckpointError, FileExistsError)) else _error_text(exc)
+    """How a checkpoint step's failure travels to the peers (``parallel.agree``)."""
+    return describe(exc, (CheckpointError, FileExistsError))

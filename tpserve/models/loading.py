@@ -11,13 +11,12 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
-from tpserve.parallel import all_gather_object, get_group, group_rank
+from tpserve.parallel import get_group, group_rank
+from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
+from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 
 from .registry import load_config, model_class
-
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -35,9 +34,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPE_NAMES:
+    if dtype not in MODEL_DTYPE_NAMES:
         raise ValueError(f"dtype={dtype!r} is not supported; use auto, float32, bfloat16 or float16")
-    return DTYPE_NAMES[dtype]
+    return MODEL_DTYPE_NAMES[dtype]
 
 
 def _loader_of(model: nn.Module, name: str):
@@ -60,16 +59,12 @@ def load_weights(model: nn.Module, path: str | Path, group: dist.ProcessGroup | 
         return load_sharded_weights(model, path, group, threads, progress)
     group = get_group(group)
     rank = group_rank(group)
-    error, nbytes = None, 0
+    failure, nbytes = None, 0
     try:
         nbytes = _load_local(model, path, threads, progress and rank == 0)
     except Exception as exc:  # any failure must reach the other ranks, or they wait in the collective below
-        error = f"{type(exc).__name__}: {exc}"
-    errors = all_gather_object(error, group)
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        r, e = bad[0]
-        raise CheckpointError(e if r == rank else f"rank {r}: {e}")
+        failure = describe(exc)
+    gather_agreed(None, failure, group, CheckpointError)
     return nbytes
 
 
