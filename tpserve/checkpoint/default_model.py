@@ -11,12 +11,11 @@ import fcntl
 import hashlib
 import importlib.metadata
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
-from tpserve.utils.fs import pid_alive
+from tpserve.utils.fs import remove_stale_siblings
 
 from . import gguf as _gguf
 
@@ -100,7 +99,7 @@ def _cached_conversion(out: Path, source: Callable[[], Path]) -> Path:
             if _is_current(out):
                 return out  # another process converted it while we waited
             src = source()
-            _remove_dead_tmp_dirs(out)
+            remove_stale_siblings(out)  # build and replaced directories of crashed converters
             print(f"tpserve: converting {src.name} once into {out}", file=sys.stderr, flush=True)
             # overwrite: a partial or outdated directory here is ours to replace.
             return _gguf.convert_gguf(src, out, overwrite=True)
@@ -114,19 +113,3 @@ def _is_current(out: Path) -> bool:
     if marker is None or not _gguf.is_complete(out):
         return False
     return marker.get("converter") == _gguf.converter_fingerprint()
-
-
-def _remove_dead_tmp_dirs(out: Path) -> None:
-    """Delete build (``.tmp-``) and replaced (``.old-``) directories left by crashed converters.
-
-    Only directories whose creating process (pid in the name) is gone on this host are
-    removed, so a live conversion that bypasses the lock is left alone.
-    """
-    leftovers = [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]
-    for tmp in leftovers:
-        try:
-            pid = int(tmp.name[len(out.name) + 1:].split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)

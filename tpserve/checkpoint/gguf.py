@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from tpserve.utils.dtypes import DTYPE_NAME, MODEL_DTYPES
-from tpserve.utils.fs import fsync_path
+from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 
 # Bump when the output layout changes: directories written by an older converter then count
 # as incomplete (the default-model cache rebuilds them; convert_gguf refuses to overwrite them).
@@ -120,9 +119,7 @@ def convert_gguf(
     state_dict = _state_dict(reader, config, gguf_path, dtype)
     tokenizer = _tokenizer(gguf_path, meta, config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = build_dir(out_dir)
     try:
         _write_weights(tmp, state_dict)
         del state_dict
@@ -402,25 +399,9 @@ def _split_digits_like_llama_cpp(tok: Any, pre: str | None) -> None:
 
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out_dir`` atomically.
-
-    Without ``overwrite``, losing a race to a concurrent converter that left a complete copy is
-    fine: theirs is kept and ours discarded by the caller. With it, the old directory is moved
-    aside first (rename cannot replace a non-empty directory) and deleted afterwards.
-    """
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if not out_dir.exists():
-            raise
-        if not overwrite:
-            if is_complete(out_dir):
-                return
-            raise FileExistsError(
-                f"{out_dir} appeared during conversion but is not a complete conversion"
-            ) from None
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_path(out_dir.parent)
+    """Rename ``tmp`` to ``out_dir`` atomically (``utils.fs.publish_dir``). Without ``overwrite``,
+    losing a race to a concurrent converter that left a complete copy is fine: theirs is kept
+    and ours discarded by the caller."""
+    if publish_dir(tmp, out_dir, replace=overwrite) or is_complete(out_dir):
+        return
+    raise FileExistsError(f"{out_dir} appeared during conversion but is not a complete conversion")

@@ -8,15 +8,11 @@ old state or the new one, never a directory that looks complete and is not.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
-import errno
 import json
 import math
 import os
-import secrets
 import shutil
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.parallel.shards import param_shards
-from tpserve.utils.fs import fsync_path, pid_alive
+from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 from tpserve.version import __version__
 
 from .load import _fill, _open_rank, _OpenFile, plan_reads
@@ -159,65 +155,16 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return final
 
 
-def _tmp_prefix(final: Path) -> str:
-    return f".{final.name}.tmp-"
-
-
-def _remove_stale_tmp(final: Path) -> None:
-    """Delete temporary directories of earlier saves to ``final`` whose process died (this host only:
-    a pid means nothing on another machine sharing the directory)."""
-    host = socket.gethostname()
-    for d in final.parent.glob(_tmp_prefix(final) + "*"):
-        try:
-            d_host, pid, _ = d.name[len(_tmp_prefix(final)):].rsplit("-", 2)
-            if d_host == host and not pid_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
-        except ValueError:
-            continue
-
-
 def _make_tmp(final: Path, overwrite: bool) -> Path:
     check_save_target(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(final)
-    tmp = final.parent / f"{_tmp_prefix(final)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return tmp
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+    return build_dir(final)
 
 
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Make the finished ``tmp`` visible as ``final``: one rename (or an atomic swap with the old
-    checkpoint when overwriting), so readers see the old checkpoint or the new one."""
-    try:
-        os.rename(tmp, final)  # also replaces an empty directory
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if not (overwrite and is_checkpoint(final)):
-            raise FileExistsError(f"{final} was filled by someone else while saving; not replacing it") from None
-        if not _exchange(tmp, final):
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            tmp = old
-        shutil.rmtree(tmp, ignore_errors=True)  # the replaced checkpoint
-    fsync_path(final.parent)
+    """Make the finished ``tmp`` visible as ``final`` (``utils.fs.publish_dir``): readers see the
+    old checkpoint or the new one."""
+    if not publish_dir(tmp, final, replace=overwrite and is_checkpoint(final)):
+        raise FileExistsError(f"{final} was filled by someone else while saving; not replacing it")
 
 
 def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
