@@ -185,9 +185,9 @@ class ServingEngine:
         before = len(seq.state.token_ids)
         seq.last = seq.state.pick(logits)
         new = seq.state.token_ids[before:]
-        self._emit(seq, new)
-        if seq.state.finished:
+        if seq.state.finished:  # out of the batch before its client can hear that it finished
             self._rows[seq.row] = None
+        self._emit(seq, new)
 
     def _emit(self, seq: _Seq, new: list[int] | None = None, finish: str | None = None) -> None:
         st = seq.state
