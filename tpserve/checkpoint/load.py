@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.parallel.shards import param_shards
+from tpserve.utils.threads import run_in_threads
 
 from .manifest import (
     DTYPE_NAMES,
@@ -210,28 +209,15 @@ def _load_local(model: nn.Module, path: Path, rank: int, threads: int, progress:
     plans = {name: plan_reads(manifest, name, shard, rank) for name, shard in shards.items()}
     files = {r: _open_rank(manifest, r) for r in sorted({p.rank for ps in plans.values() for p in ps})}
     sizes = {name: sum(piece_bytes(manifest, p) for p in ps) for name, ps in plans.items()}
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="loading checkpoint", leave=False,
-                   disable=None, mininterval=0.25)
-    lock = threading.Lock()
-
-    def run(name: str) -> int:
+    def run(name: str, advance) -> int:
         n = _fill_param(params[name], plans[name], manifest, files, zero_copy)
-        if bar is not None:
-            with lock:
-                bar.update(n)
+        advance(n)
         return n
 
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(run, name) for name in sorted(plans, key=sizes.get, reverse=True)]
-            return sum(f.result() for f in futures)
-    finally:
-        if bar is not None:
-            bar.close()
+    biggest_first = sorted(plans, key=sizes.get, reverse=True)
+    return sum(run_in_threads(run, biggest_first, threads, total=sum(sizes.values()), desc="loading checkpoint",
+                              progress=progress))
 
 
 def load_sharded_weights(model: nn.Module, path: str | os.PathLike, group: dist.ProcessGroup | None = None,

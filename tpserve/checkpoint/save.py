@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from torch import nn
 
 from tpserve.parallel.shards import param_shards
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
+from tpserve.utils.threads import run_in_threads
 from tpserve.version import __version__
 
 from .load import _fill, _open_rank, _OpenFile, plan_reads
@@ -327,36 +327,21 @@ def write_converted(src_dir: Path, output: str | os.PathLike, config, layouts: l
     owners = layout_ownership(layouts)
     entries = [_entries(layouts[r], r, owners, dtype_of) for r in range(tp)]
     total = sum(math.prod(e.shape) * e.dtype.itemsize for es in entries for e in es)
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to TP={tp}", leave=False, disable=None,
-                   mininterval=0.25)
-    lock = threading.Lock()
-
-    def tick(n: int) -> None:
-        if bar is not None:
-            with lock:
-                bar.update(n)
-
-    def write(rank: int) -> dict:
+    def write(rank: int, advance) -> dict:
         def fetch(e: _Entry) -> torch.Tensor:
             out = _OUT.tensor(e.shape, e.dtype)
             read(e.name, layouts[rank][e.name], out, rank)
             return out
 
-        return _write_rank_file(tmp / rank_file_name(rank, tp), rank, tp, entries[rank], fetch, tick)
+        return _write_rank_file(tmp / rank_file_name(rank, tp), rank, tp, entries[rank], fetch, advance)
 
     tmp = _make_tmp(final, overwrite)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(tp, os.cpu_count() or 1))) as pool:
-            records = list(pool.map(write, range(tp)))
+        records = run_in_threads(write, range(tp), min(tp, os.cpu_count() or 1), total=total,
+                                 desc=f"converting to TP={tp}", progress=progress)
         _write_manifest_and_publish(tmp, final, src_dir, config, layouts, records, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     return final

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from tpserve.parallel import get_group, group_rank
 from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
+from tpserve.utils.threads import run_in_threads
 
 from .registry import load_config, model_class
 
@@ -78,17 +77,8 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
             raise CheckpointError(f"{path}: tensor {name} is missing from the checkpoint (files: {', '.join(where)})")
         tasks.append((name, param, ref, _loader_of(model, name)))
     total = sum(p.numel() * ref.dtype.itemsize for _, p, ref, _ in tasks)
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        # tqdm's rate column shows the GB/s; disable=None hides the bar when stderr is not a terminal
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading shards", leave=False, disable=None,
-                   mininterval=0.25)
-    lock = threading.Lock()
-    read = [0]
-
-    def run(task) -> None:
+    def run(task, advance) -> int:
         name, param, ref, loader = task
         try:
             if loader is not None:
@@ -99,18 +89,11 @@ def _load_local(model: nn.Module, path: str | Path, threads: int, progress: bool
             raise
         except (ValueError, OSError) as exc:
             raise CheckpointError(f"{ref.path}: tensor {name}: {exc}") from None
-        with lock:
-            n = param.numel() * ref.dtype.itemsize
-            read[0] += n
-            if bar is not None:
-                bar.update(n)
+        n = param.numel() * ref.dtype.itemsize
+        advance(n)
+        return n
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for future in [pool.submit(run, t) for t in tasks]:
-            future.result()
-    if bar is not None:
-        bar.close()
-    return read[0]
+    return sum(run_in_threads(run, tasks, threads, total=total, desc="loading shards", progress=progress))
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
