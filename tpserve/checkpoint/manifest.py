@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tpserve.parallel.partition import slice_shape
 from tpserve.utils.dtypes import SAFETENSORS_CODES
 
 from .safetensors_io import DTYPES, CheckpointError
@@ -61,11 +62,7 @@ class TensorRecord:
         return self.shape[self.split_dim] if self.split_dim is not None else 1
 
     def local_shape(self, shard: ShardRecord) -> tuple[int, ...]:
-        if self.split_dim is None:
-            return self.shape
-        shape = list(self.shape)
-        shape[self.split_dim] = shard.end - shard.start
-        return tuple(shape)
+        return slice_shape(self.shape, self.split_dim, shard.start, shard.end)
 
     def spans(self, shard: ShardRecord) -> list[tuple[int, int]]:
         """The shard's checksum chunks as local index ranges of the split dimension."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tpserve.parallel.partition import slice_shape
 from tpserve.utils.dtypes import SAFETENSORS_DTYPES as DTYPES
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -60,9 +61,7 @@ class TensorRef:
     def read_into(self, dest: torch.Tensor, dim: int | None = None, start: int = 0, end: int = 0) -> int:
         """Copy ``self[start:end]`` along ``dim`` (all of it when ``dim`` is None) into ``dest``,
         converting dtype; returns the bytes read."""
-        shape = list(self.shape)
-        if dim is not None:
-            shape[dim] = end - start
+        shape = list(slice_shape(self.shape, dim, start, end))
         if list(dest.shape) != shape:
             raise CheckpointError(f"{self.path}: tensor {self.name}: slice shape {shape} does not fit destination {list(dest.shape)}")
         direct = dest.dtype == self.dtype and dest.device.type == "cpu" and dest.is_contiguous()
@@ -104,10 +103,7 @@ class TensorRef:
                 if dim is not None:
                     raise TypeError("TensorRef slices along one dimension at a time")
                 dim, start, end = d, lo, hi
-        shape = list(self.shape)
-        if dim is not None:
-            shape[dim] = end - start
-        out = torch.empty(shape, dtype=self.dtype)
+        out = torch.empty(slice_shape(self.shape, dim, start, end), dtype=self.dtype)
         self.read_into(out, dim, start, end)
         return out
 

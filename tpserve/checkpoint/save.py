@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tpserve.parallel.partition import slice_shape
 from tpserve.parallel.shards import param_shards
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 from tpserve.utils.threads import run_in_threads
@@ -68,12 +69,8 @@ def _entries(shards: dict, rank: int, owners: dict, dtype_of: Callable[[str], to
     """What rank ``rank``'s file holds: each tensor's local shape, and where its checksum chunks are cut."""
     out = []
     for name, s in shards.items():
-        shape = list(s.full_shape)
-        cut = 0
-        if s.dim is not None:
-            shape[s.dim] = s.end - s.start
-            cut = owned_cut(s.start, s.end, owners[name][rank])
-        out.append(_Entry(name, dtype_of(name), tuple(shape), s.dim, cut))
+        cut = owned_cut(s.start, s.end, owners[name][rank]) if s.dim is not None else 0
+        out.append(_Entry(name, dtype_of(name), slice_shape(s.full_shape, s.dim, s.start, s.end), s.dim, cut))
     return out
 
 

@@ -56,3 +56,12 @@ def head_ranges(num_heads: int, num_kv_heads: int, parts: int, rank: int) -> tup
     q0, q1 = partition_range(num_heads, parts, rank, what="attention heads")
     group = num_heads // num_kv_heads
     return (q0, q1), (q0 // group, (q1 - 1) // group + 1)
+
+
+def slice_shape(full: tuple[int, ...] | list[int], dim: int | None, start: int, end: int) -> tuple[int, ...]:
+    """The shape of ``[start:end]`` along ``dim`` of a tensor of shape ``full`` (all of it when
+    ``dim`` is None): a rank's shard of a full tensor."""
+    shape = list(full)
+    if dim is not None:
+        shape[dim] = end - start
+    return tuple(shape)
