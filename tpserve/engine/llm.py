@@ -46,7 +46,7 @@ from tpserve.utils.cpus import rank_cores
 from . import commands
 from .detokenizer import has_tokenizer_files
 from .group import engine_device, engine_store, join_engine_group
-from .sampling import SamplingParams
+from .sampling import SamplingParams, room_left
 from .sequence import Sequence
 from .worker import execute, worker_main
 
@@ -234,7 +234,7 @@ class LLM:
         """Full-vocabulary float32 CPU logits [len, vocab] at every position of each sequence."""
         prompts = [self._check_ids(list(p), i) for i, p in enumerate(token_ids)]
         for i, p in enumerate(prompts):
-            if len(p) > self.context:
+            if room_left(len(p), self.context) < 0:
                 raise ValueError(f"sequence {i} has {len(p)} tokens; the model's context is {self.context}")
         out = self._run(("logits", prompts))
         if self.under_torchrun:
@@ -435,10 +435,10 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {len(encoded)} prompts")
         budgets = []
         for i, ((_, ids), sp) in enumerate(zip(encoded, params)):
-            if len(ids) >= self.context:
+            if room_left(len(ids), self.context) < 1:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {self.context} tokens, "
                                  f"so it leaves no room to generate")
-            budgets.append(min(sp.max_tokens, self.context - len(ids)))
+            budgets.append(min(sp.max_tokens, room_left(len(ids), self.context)))
         states = [Sequence(self, sp, budget) for sp, budget in zip(params, budgets)]
 
         greedy = all(sp.temperature == 0 for sp in params)

@@ -16,6 +16,7 @@ from torch import nn
 from tpserve.parallel import broadcast_tensor, group_rank
 
 from .kv_cache import allocate_kv_cache
+from .sampling import room_left
 
 # choose(scores, step) -> (tokens [B] int64, finished [B] bool); rank 0 only. ``scores``: float32
 # logits [B, vocab], or under greedy decoding the ids already chosen, [B] int64.
@@ -71,7 +72,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | l
         raise ValueError(f"need one positive max_new_tokens per prompt, got {budgets} for {len(prompts)} prompts")
     context = model.spec.max_position_embeddings
     for i, (p, n) in enumerate(zip(prompts, budgets)):
-        if len(p) + n > context:
+        if n > room_left(len(p), context):
             raise ValueError(f"prompt {i}: {len(p)} tokens + {n} new exceed the model's context of {context}; "
                              f"shorten the prompt or lower max_tokens")
     max_new_tokens = max(budgets)

@@ -35,6 +35,12 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
 
 
+def room_left(prompt_tokens: int, context: int) -> int:
+    """How many tokens a sequence may still generate after its prompt: the one context check
+    (the engine, the serving loop and the HTTP server all ask it; 0 or less: none)."""
+    return context - prompt_tokens
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.temperature == 0:
         return None

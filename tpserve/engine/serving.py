@@ -17,7 +17,7 @@ from typing import Callable
 from tpserve.parallel.layers import REDUCE_ROWS
 
 from .llm import LLM
-from .sampling import SamplingParams
+from .sampling import SamplingParams, room_left
 from .sequence import Sequence
 
 
@@ -104,7 +104,7 @@ class ServingEngine:
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> int:
         """Queue a request; ValueError at once if it can never run."""
         ids = self.llm._check_ids(list(prompt_token_ids), 0)
-        if len(ids) + params.max_tokens > self.context:
+        if params.max_tokens > room_left(len(ids), self.context):
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens; lower max_tokens or shorten the prompt")
         seq = _Seq(next(self._ids), ids, Sequence(self.llm, params, params.max_tokens), on_event)

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.engine.detokenizer import max_token_chars
-from tpserve.engine.sampling import SamplingParams
+from tpserve.engine.sampling import SamplingParams, room_left
 
 from .limits import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -77,16 +77,17 @@ def _sampling_params(req: GenerationRequest, max_tokens: int | None, longest_pro
                        code="invalid_value")
     if req.seed is not None and not -2**63 <= req.seed < 2**64:
         raise APIError(400, "seed must fit in 64 bits", param="seed", code="invalid_value")
-    if longest_prompt >= context:
+    room = room_left(longest_prompt, context)
+    if room < 1:
         raise APIError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
                             f"{longest_prompt} tokens, which leaves no room to generate",
                        param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = context - longest_prompt
+        max_tokens = room
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
                        code="invalid_value")
-    if longest_prompt + max_tokens > context:
+    if max_tokens > room:
         raise APIError(400, f"this model's maximum context length is {context} tokens, but you requested "
                             f"{longest_prompt + max_tokens} tokens ({longest_prompt} in the prompt, {max_tokens} "
                             f"for the completion); lower max_tokens or shorten the prompt",
