@@ -52,14 +52,11 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
     from tpserve.utils.cpus import rank_cores
 
     pieces = [torch.ones(max(nbytes, 2**26) // 4 // tp) for _ in range(tp)]
-    if tp == 1:
-        def one(x, cores):
-            x.sum()
-    else:
-        def one(x, cores):
-            if cores:
-                os.sched_setaffinity(0, cores)  # this thread only
-            x.sum()
+
+    def one(x, cores):
+        if cores:
+            os.sched_setaffinity(0, cores)  # this thread only
+        x.sum()
     threads_before = torch.get_num_threads()
     layout = [rank_cores(r, tp) for r in range(tp)] if tp > 1 else [None]
     if tp > 1:

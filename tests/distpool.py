@@ -20,6 +20,19 @@ from tpserve.utils.net import free_port
 COMM_TIMEOUT_S = 30.0
 
 
+def comm_error_after(op) -> str:
+    """"seconds|message" of the CommError ``op()`` raised (on this rank), or "no error": how
+    long a collective took to give up on a gone peer, and what it said."""
+    from tpserve.parallel import CommError
+
+    t0 = time.monotonic()
+    try:
+        op()
+    except CommError as e:
+        return f"{time.monotonic() - t0:.2f}|{e}"
+    return "no error"
+
+
 def _setup(rank: int, world: int, port: int, comm_timeout: float) -> None:
     import torch
     import torch.distributed as dist

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from distpool import spawn_once
+from distpool import comm_error_after, spawn_once
 
 from tpserve.parallel import (
     ColumnParallelLinear,
@@ -119,25 +119,19 @@ def test_tp_degree_larger_than_dimension(tp_run):
 def _peer_exits(timeout: float) -> str:
     if dist.get_rank() == 1:
         os._exit(3)
-    t0 = time.monotonic()
-    try:
-        all_reduce_sum(torch.ones(2), timeout=timeout)
-    except CommError as e:
-        return f"{time.monotonic() - t0:.2f}|{e}"
-    return "no error"
+    return comm_error_after(lambda: all_reduce_sum(torch.ones(2), timeout=timeout))
 
 
 def _peer_hangs(timeout: float) -> str:
     if dist.get_rank() == 1:
         time.sleep(timeout + 4)
         os._exit(0)
-    t0 = time.monotonic()
-    try:
+
+    def talk() -> None:
         broadcast_object("hello", src=0, timeout=timeout)
         all_reduce_sum(torch.ones(2), timeout=timeout)
-    except CommError as e:
-        return f"{time.monotonic() - t0:.2f}|{e}"
-    return "no error"
+
+    return comm_error_after(talk)
 
 
 @pytest.mark.parametrize("fn,word", [(_peer_exits, "rank(s) [1]"), (_peer_hangs, "timed out")])

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distpool import spawn_once
+from distpool import comm_error_after, spawn_once
 
 from tpserve.parallel import (
-    CommError,
     TensorParallelConfig,
     all_gather,
     all_gather_object,
@@ -150,12 +149,7 @@ def test_group_over_two_hosts_sums_each_host_in_shared_memory(tp_run, hosts):
 
 def _all_reduce_error(timeout: float) -> str:
     """How long rank 0's next all-reduce took to fail, and the error it raised."""
-    t0 = time.monotonic()
-    try:
-        all_reduce_sum(torch.ones(64), timeout=timeout)
-    except CommError as e:
-        return f"{time.monotonic() - t0:.2f}|{e}"
-    return "no error"
+    return comm_error_after(lambda: all_reduce_sum(torch.ones(64), timeout=timeout))
 
 
 def _peer_dies_mid_run(timeout: float) -> str:

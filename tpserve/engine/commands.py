@@ -3,7 +3,7 @@
 Through the group's shared memory when it has some (``parallel.shm``): one broadcast that the
 workers wait in, without a deadline (an idle server may wait for hours) but noticing at once a
 driver that died, and napping so that waiting costs almost no CPU. Otherwise, each worker's
-pipe. A command is small and picklable: ``("generate", prompts, budgets)``, ``("close",)``...
+pipe. A command is small and picklable: ``("generate", prompts, budgets, greedy)``, ``("close",)``...
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import traceback
 import torch
 
 from tpserve.parallel import CommError
+from tpserve.utils.fs import pid_alive
 
 from . import commands
 from .runner import SlotCache, decode_slots, full_logits, generate, prefill_slot
@@ -31,9 +32,9 @@ def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = N
         return prefill_slot(model, state["slots"], cmd[1], cmd[2])
     if kind == "slots_decode":
         return decode_slots(model, state["slots"], cmd[1], cmd[2])
-    if kind == "generate":  # ("generate", prompts, budgets[, greedy])
-        _, prompts, max_new, *greedy = cmd
-        return generate(model, prompts, max_new, choose, on_step=on_step, greedy=bool(greedy and greedy[0]))
+    if kind == "generate":  # ("generate", prompts, budgets, greedy)
+        _, prompts, max_new, greedy = cmd
+        return generate(model, prompts, max_new, choose, on_step=on_step, greedy=greedy)
     if kind == "logits":
         return full_logits(model, cmd[1])
     if kind == "save":  # ("save", path[, overwrite]): every rank writes its own file
@@ -98,22 +99,12 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
     except (EOFError, BrokenPipeError):
         os._exit(0)
     except CommError as exc:
-        if os.getppid() != parent or not _alive(parent):  # the driver died while we waited for it
+        if os.getppid() != parent or not pid_alive(parent):  # the driver died while we waited for it
             os._exit(0)
         _report(conn, exc)
     except BaseException as exc:
         _report(conn, exc)
     os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _report(conn, exc: BaseException) -> None:

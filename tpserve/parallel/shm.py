@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tpserve.utils.fs import pid_alive
+
 SLOT_BYTES = 1 << 20  # per rank and slot; larger messages go through in several rounds
 SHM_DIR = Path("/dev/shm")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -154,8 +156,7 @@ def remove_stale() -> None:
     for path in SHM_DIR.glob("tpserve-*-*"):
         try:
             pid = int(path.name.split("-")[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        except ValueError:
+            continue
+        if not pid_alive(pid):
             path.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            pass
