@@ -12,10 +12,13 @@ _pools: dict[int, Pool] = {}
 
 @pytest.fixture(scope="session", autouse=True)
 def shm_module_built():
-    """Build the shared-memory collectives once, here, before any group of ranks wants them."""
+    """Build the shared-memory collectives and the paged decode kernel once, here, before any
+    group of ranks wants them."""
+    from tpserve.models import attention
     from tpserve.parallel import shm
 
     shm.extension()
+    attention.extension()
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,7 @@ def test_rank0_takes_its_share_of_the_cores_only_during_calls(monkeypatch):
         assert torch.get_num_threads() == before
         llm.generate("Hi", SamplingParams(max_tokens=1))
         assert torch.get_num_threads() == before
-    assert during == [max(1, (os.cpu_count() or 1) // 2)]
+    assert during == [max(1, (os.cpu_count() or 1) // 2)] * 2  # the KV cache made at start, then one step
     assert torch.get_num_threads() == before
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tpserve.checkpoint.resolve import resolve_model_path
+from tpserve.models import attention
 from tpserve.parallel import (
     CommError,
     TensorParallelConfig,
@@ -44,11 +44,14 @@ from tpserve.parallel.deadlines import ENGINE_TIMEOUT_S, STARTUP_TIMEOUT_S
 from tpserve.utils.cpus import rank_cores
 
 from . import commands
-from .detokenizer import has_tokenizer_files
 from .group import engine_device, engine_store, join_engine_group
+from .llm_engine import LLMEngine
+from .runner import BLOCK_SIZE, block_bytes, max_blocks
 from .sampling import SamplingParams, room_left
-from .sequence import Sequence
+from .tokenizer import eos_token_ids, load_tokenizer
 from .worker import execute, worker_main
+
+_kv_reserved: dict[int, int] = {}  # open engines' KV cache bytes (all ranks), which later defaults leave alone
 
 
 @dataclass
@@ -71,44 +74,6 @@ class WorkerError(RuntimeError):
     """A worker process died or stopped answering; the engine has been shut down."""
 
 
-def load_tokenizer(model_path: Path, tokenizer: str | os.PathLike | None, skip: bool):
-    """The tokenizer for ``model_path``, or None when the model has no tokenizer files (token-id
-    prompts still work) or ``skip`` is set. ``tokenizer`` names another directory to load it from."""
-    if skip:
-        return None
-    source = model_path
-    if tokenizer is not None:
-        source = Path(tokenizer).expanduser()
-        if not source.exists():
-            raise FileNotFoundError(f"tokenizer path {str(source)!r} does not exist; pass a directory with "
-                                    f"tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-    elif not has_tokenizer_files(model_path):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except Exception as exc:  # transformers says many things here; say what to do about it
-        raise ValueError(f"could not load the tokenizer from {source}: {type(exc).__name__}: {exc}; pass "
-                         f"tokenizer=PATH (--tokenizer PATH) to a directory with a working tokenizer, or "
-                         f"skip_tokenizer_init=True to use token-id prompts only") from None
-
-
-def eos_token_ids(model_path: Path, config, tokenizer) -> set[int]:
-    """End-of-sequence ids: generation_config.json's (else config.json's), and the tokenizer's."""
-    ids: set[int] = set()
-    eos = None
-    gen = model_path / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def _torchrun_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ or dist.is_initialized() else 1
 
@@ -118,13 +83,19 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, tensor_parallel_size: int = 1, dtype: str = "auto",
                  device: str | None = None, comm_timeout: float | None = None, compile: bool = False,
-                 tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False) -> None:
+                 tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False,
+                 max_num_seqs: int = 256, kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
+                 block_size: int = BLOCK_SIZE) -> None:
         """``compile``: run each decode step through ``torch.compile`` (gpt-fast style; measured
         2.4x faster batch-1 decode than eager on an AMD EPYC CPU). The first decode of each
         batch class (one row, 2-4 rows, more) compiles, 5-20 s; prefill stays eager.
         ``tokenizer``: a directory to load the tokenizer from instead of the model's; a model
         without tokenizer files loads without one (token-id prompts only), as does
-        ``skip_tokenizer_init=True``."""
+        ``skip_tokenizer_init=True``. ``kv_cache_memory``: bytes of paged KV cache per rank
+        (default: a quarter of the memory free at start, split between a host's ranks, at most
+        4 GiB; engines opened later in the process count what earlier ones took);
+        ``max_num_seqs``: sequences decoding at once; ``enable_prefix_caching``: reuse the cache
+        blocks of a prompt prefix seen before."""
         self._workers: list[mp.Process] = []
         self._conns: list = []
         self._closed = False
@@ -133,10 +104,12 @@ class LLM:
         self.model = None
         self._cores: list[list[int] | None] = []  # each local rank's cores (None: not pinned)
         self._threads: int | None = None  # this rank's torch threads during calls (None: leave as is)
-        self._state: dict = {}  # rank 0's memory between commands (continuous-batching cache)
+        self._state: dict = {}  # rank 0's memory between commands (its KV cache)
+        self.engine: LLMEngine | None = None
         try:
             self._start(model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
                         skip_tokenizer_init)
+            self._start_engine(max_num_seqs, kv_cache_memory, enable_prefix_caching, block_size)
         except BaseException:  # bad input, a failed load, a dead worker, Ctrl-C: give everything back
             self._release()
             raise
@@ -179,6 +152,8 @@ class LLM:
         else:
             self.rank = 0
             dev = engine_device(device, 0)
+            if dev.type == "cpu":
+                attention.extension()  # the paged decode kernel, built here once, before any worker wants it
             self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:
                 if dev.type == "cpu" and shm.enabled():
@@ -200,6 +175,22 @@ class LLM:
         self._wait_for("ready")
         self.vocab_size = self.model.spec.vocab_size
         self.context = self.model.spec.max_position_embeddings
+
+    def _start_engine(self, max_num_seqs: int, kv_cache_memory: int | None, prefix_caching: bool,
+                      block_size: int) -> None:
+        """The paged KV cache on every rank (its block count agreed by all), and rank 0's engine loop."""
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int) or kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        reserved = sum(_kv_reserved.values())
+        blocks = self._run(("kv_init", kv_cache_memory, block_size, reserved,
+                            max_blocks(max_num_seqs, self.context, block_size)))
+        self.kv_cache_blocks = blocks
+        _kv_reserved[id(self)] = blocks * block_bytes(self.model, block_size) * self.tp
+        self.engine = LLMEngine(self._run, blocks, block_size, max_num_seqs, prefix_caching, self.tokenizer,
+                                self.eos_ids)
 
     def _spawn_workers(self, port: int, dtype: str, device: str | None, timeout: float, compile: bool) -> None:
         ctx = mp.get_context("spawn")
@@ -288,8 +279,9 @@ class LLM:
                 shm.detach(self.group)
                 with contextlib.suppress(Exception):  # already broken when a peer died
                     self.group.shutdown()
-        self.group = self._store = self.model = None
+        self.group = self._store = self.model = self.engine = None
         self._state = {}
+        _kv_reserved.pop(id(self), None)
         atexit.unregister(self.close)
 
     @contextlib.contextmanager
@@ -355,19 +347,19 @@ class LLM:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return f"pid {proc.pid} exited ({how})"
 
-    def _run(self, cmd: tuple, choose=None, on_step=None):
+    def _run(self, cmd: tuple):
         if self._closed:
             raise RuntimeError("this LLM has been closed; create a new one")
         if self.under_torchrun:
             cmd = broadcast_object(cmd if self.rank == 0 else None, 0, self.group)
             with self._compute():
-                return execute(self.model, cmd, choose if self.rank == 0 else None, on_step, self._state)
+                return execute(self.model, cmd, self._state)
         if not all(proc.is_alive() for proc in self._workers):
             self._fail(cmd[0], None)
         try:
             commands.send(self.group, self._conns, cmd)
             with self._compute():
-                return execute(self.model, cmd, choose, on_step, self._state)
+                return execute(self.model, cmd, self._state)
         except (CommError, RuntimeError) as exc:
             if isinstance(exc, WorkerError):
                 raise
@@ -375,6 +367,15 @@ class LLM:
         except KeyboardInterrupt:  # the workers are mid-command: stop them, do not talk to them
             self._release()
             raise
+
+    def _follow(self) -> None:
+        """torchrun, ranks other than 0: run rank 0's commands until its loop says it is done."""
+        while True:
+            cmd = broadcast_object(None, 0, self.group)
+            with self._compute():
+                execute(self.model, cmd, self._state)
+            if cmd[0] == "done":
+                return
 
     def _worker_died(self, wait: float = 1.0) -> bool:
         """Whether a worker has exited, giving one that is dying ``wait`` seconds to finish (its
@@ -425,6 +426,8 @@ class LLM:
 
     def _generate(self, prompts, sampling_params, on_text: Callable[[int, str], None] | None = None,
                   add_special_tokens: bool = True) -> list[RequestOutput]:
+        if self._closed:
+            raise RuntimeError("this LLM has been closed; create a new one")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -439,26 +442,32 @@ class LLM:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context is {self.context} tokens, "
                                  f"so it leaves no room to generate")
             budgets.append(min(sp.max_tokens, room_left(len(ids), self.context)))
-        states = [Sequence(self, sp, budget) for sp, budget in zip(params, budgets)]
-
-        greedy = all(sp.temperature == 0 for sp in params)
-
-        def choose(scores: torch.Tensor, step: int):
-            tokens = torch.zeros(len(states), dtype=torch.long)
-            done = torch.zeros(len(states), dtype=torch.bool)
-            for row, st in enumerate(states):
-                if not st.finished:  # greedy: the runner chose already; else sample from the logits
-                    tokens[row] = st.accept(int(scores[row])) if greedy else st.pick(scores[row])
-                done[row] = st.finished
-                if on_text is not None and st.delta:
-                    on_text(row, st.delta)
-            return tokens, done
-
-        self._run(("generate", [ids for _, ids in encoded], budgets, greedy), choose)
-        outs = None
-        if self.rank == 0:
-            outs = [RequestOutput(prompt, ids, [CompletionOutput(0, st.text, st.token_ids, st.reason)])
-                    for (prompt, ids), st in zip(encoded, states)]
+        for sp in params:
+            if sp.stop and self.tokenizer is None:
+                self._need_tokenizer("stop strings")
+        if self.under_torchrun and self.rank != 0:
+            self._follow()
+            return broadcast_object(None, 0, self.group)
+        engine = self.engine
+        for (_, ids), budget in zip(encoded, budgets):
+            engine.check_fits(len(ids), budget)
+        seqs = [engine.add(ids, sp, budget) for (_, ids), sp, budget in zip(encoded, params, budgets)]
+        row = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        try:
+            while engine.has_unfinished():
+                for seq, _ in engine.step():
+                    if on_text is not None and seq.delta:
+                        on_text(row[seq.seq_id], seq.delta)
+        except BaseException:
+            if self.engine is not None:  # a bad on_text, Ctrl-C: these sequences must not linger
+                for seq in seqs:
+                    engine.abort(seq)
+            raise
+        finally:
+            if self.under_torchrun and self.engine is not None:
+                self._run(("done",))
+        outs = [RequestOutput(prompt, ids, [CompletionOutput(0, seq.text, seq.token_ids, seq.reason)])
+                for (prompt, ids), seq in zip(encoded, seqs)]
         if self.under_torchrun:
             outs = broadcast_object(outs, 0, self.group)
         return outs

@@ -1,38 +1,25 @@
-"""The generation loop every rank runs in lockstep (SPMD).
+"""What every rank runs for the engine's commands, in lockstep (SPMD): the paged KV cache, and one
+forward over a step's flattened tokens.
 
-Rank 0 alone sees full logits and picks the next tokens; it broadcasts them with a "stop"
-flag, so the ranks cannot diverge even when sampling is random. Greedy decoding needs no full
-logits: each rank's best logit meets its peers' in one tiny gather (``gather="argmax"``).
+Rank 0 alone decides what a step holds (the scheduler) and sends it as plain lists; rank 0 alone
+gets the logits (or, for greedy rows, each row's best token id, found from every rank's best
+logit in one tiny gather), and the next step's command carries the chosen tokens, so the ranks
+cannot diverge even when sampling is random.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from tpserve.parallel import broadcast_tensor, group_rank
+from tpserve.models import attention
+from tpserve.parallel import all_gather_object
 
-from .kv_cache import allocate_kv_cache
-from .sampling import room_left
-
-# choose(scores, step) -> (tokens [B] int64, finished [B] bool); rank 0 only. ``scores``: float32
-# logits [B, vocab], or under greedy decoding the ids already chosen, [B] int64.
-Chooser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, T] left-padded with 0, and rope positions [B, T] with -1 on padding."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    pos = torch.full((len(prompts), width), -1, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            pos[i, width - len(p):] = torch.arange(len(p))
-    return ids.to(device), pos.to(device)
+BLOCK_SIZE = 16
+DEFAULT_KV_FRACTION = 0.25  # of the memory free when the cache is made, split between the ranks on a host
+DEFAULT_KV_CAP = 4 << 30  # per rank
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -40,125 +27,83 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype
 
 
+def block_bytes(model: nn.Module, block_size: int) -> int:
+    """This rank's bytes for one block of K and V over every layer."""
+    _, dtype = _device_dtype(model)
+    per_token = sum(2 * layer.self_attn.num_local_kv * layer.self_attn.head_dim for layer in model.model.layers)
+    return per_token * block_size * dtype.itemsize
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info.get("MemFree", 0))
+
+
+def max_blocks(max_num_seqs: int, context: int, block_size: int) -> int:
+    """More blocks than this cannot be used: every sequence at full context, twice over (the
+    second half keeps finished prefixes for reuse)."""
+    return 2 * max_num_seqs * -(-context // block_size)
+
+
+def init_cache(model: nn.Module, memory: int | None, block_size: int, ranks_here: int, reserved: int = 0,
+               most: int | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Allocate this rank's blocks and agree with the other ranks on their number (the smallest
+    any rank can hold). ``memory``: bytes per rank (None: a share of free memory, less what
+    other engines in this process ``reserved`` already, and at most ``most`` blocks). Returns
+    the cache and the block count."""
+    device, dtype = _device_dtype(model)
+    per_block = block_bytes(model, block_size)
+    if memory is None:
+        spare = max(0, free_memory(device) - reserved)
+        memory = min(DEFAULT_KV_CAP, int(spare * DEFAULT_KV_FRACTION) // max(1, ranks_here))
+        if most is not None:
+            memory = min(memory, most * per_block)
+    blocks = min(all_gather_object(memory // per_block, group=model.group))
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory={memory} bytes holds no {block_size}-token block ({per_block} bytes per "
+                         f"block on this rank); give more memory (--kv-cache-memory)")
+    if device.type == "cpu":
+        attention.extension()  # built (or loaded) now, not inside a step
+    cache = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        shape = (blocks, block_size, attn.num_local_kv, attn.head_dim)
+        cache.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
+    return cache, blocks
+
+
+@torch.no_grad()
+def run_step(model: nn.Module, cache: list, batch: dict) -> torch.Tensor | None:
+    """One forward over a step (see ``llm_engine.pack``). Rank 0 gets float32 logits [rows,
+    vocab] for ``logit_rows``, or their argmax ids [rows] when ``batch["greedy"]``; others None
+    (or the ids too)."""
+    device, _ = _device_dtype(model)
+    step = model.make_step(batch["positions"], slots=batch["slots"], tables=batch["tables"], chunks=batch["chunks"],
+                           logit_rows=batch["logit_rows"])
+    ids = torch.tensor(batch["ids"], dtype=torch.long, device=device)
+    compiled = model.decode_compiled and not batch["chunks"]
+    out = model(ids, step, cache, gather="argmax" if batch["greedy"] else "rank0", compiled=compiled)
+    if out is None:
+        return None
+    return out.cpu() if batch["greedy"] else out.float().cpu()
+
+
 @torch.no_grad()
 def full_logits(model: nn.Module, prompts: list[list[int]]) -> list[torch.Tensor] | None:
     """Full-vocabulary logits at every position of each prompt (float32, CPU) on rank 0; None elsewhere."""
-    device, dtype = _device_dtype(model)
-    ids, pos = left_pad(prompts, device)
-    step = model.make_step(pos.clamp(min=0), pos, 0, dtype)
+    device, _ = _device_dtype(model)
+    positions = [p for ids in prompts for p in range(len(ids))]
+    step = model.make_step(positions, chunks=[(len(ids), len(ids), None) for ids in prompts])
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
     logits = model(ids, step, None, gather="rank0")
     if logits is None:
         return None
-    width = ids.shape[1]
-    return [logits[i, width - len(p):].float().cpu() for i, p in enumerate(prompts)]
+    return list(logits.float().cpu().split([len(p) for p in prompts]))
 
 
-@torch.no_grad()
-def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | list[int], choose: Chooser | None,
-             group: dist.ProcessGroup | None = None, on_step: Callable[[torch.Tensor], None] | None = None,
-             greedy: bool = False) -> torch.Tensor:
-    """Prefill ``prompts`` together, then decode up to ``max_new_tokens`` steps (one number, or
-    one per prompt: rows are then held to their own count only by the context check).
-    ``greedy``: every row takes its most likely token, so ``choose`` gets ids, not logits.
-
-    ``choose`` runs on rank 0 only (others pass None). Returns the chosen tokens [B, steps]
-    on every rank; rows that finished keep decoding (their later tokens are ignored by the
-    caller) until every row is done, or after the largest count of steps.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    if len(budgets) != len(prompts) or min(budgets) < 1:
-        raise ValueError(f"need one positive max_new_tokens per prompt, got {budgets} for {len(prompts)} prompts")
-    context = model.spec.max_position_embeddings
-    for i, (p, n) in enumerate(zip(prompts, budgets)):
-        if n > room_left(len(p), context):
-            raise ValueError(f"prompt {i}: {len(p)} tokens + {n} new exceed the model's context of {context}; "
-                             f"shorten the prompt or lower max_tokens")
-    max_new_tokens = max(budgets)
-    device, dtype = _device_dtype(model)
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    compiled = getattr(model, "decode_compiled", False)
-    cache_len = width + max_new_tokens
-    cache = allocate_kv_cache(model, batch, cache_len)
-    ids, pos = left_pad(prompts, device)
-    key_pos = torch.full((batch, cache_len), -1, dtype=torch.long, device=device)
-    key_pos[:, :width] = pos
-    next_pos = torch.tensor([len(p) for p in prompts], device=device)
-    step = model.make_step(pos.clamp(min=0), key_pos[:, :width], 0, dtype)
-    gather = "argmax" if greedy else "rank0"
-    logits = model(ids, step, cache, last_only=True, gather=gather)
-    is_rank0 = group_rank(model.group) == 0
-    finished = torch.zeros(batch, dtype=torch.bool)
-    chosen = []
-    packet = torch.zeros(batch + 1, dtype=torch.long, device=device)  # tokens, then "all done"
-    for i in range(max_new_tokens):
-        if is_rank0:
-            tokens, done = choose(logits[:, -1] if greedy else logits[:, -1].float(), i)
-            finished |= done.cpu()
-            packet[:batch] = tokens
-            packet[batch] = int(bool(finished.all()) or i == max_new_tokens - 1)
-        broadcast_tensor(packet, 0, model.group)
-        tokens = packet[:batch].clone()
-        chosen.append(tokens)
-        if on_step is not None:
-            on_step(tokens)
-        if packet[batch].item():
-            break
-        slot = width + i
-        key_pos[:, slot] = next_pos
-        # a compiled step takes the column as a tensor (an int would be baked into its graph)
-        col = torch.full((batch, 1), slot, dtype=torch.long, device=device) if compiled else slot
-        step = model.make_step(next_pos[:, None], key_pos[:, :slot + 1], col, dtype)
-        next_pos = next_pos + 1
-        logits = model(tokens[:, None], step, cache, last_only=True, gather=gather, compiled=compiled)
-    return torch.stack(chosen, dim=1).cpu()
-
-
-class SlotCache:
-    """A KV cache of ``max_batch`` rows that sequences enter and leave independently
-    (continuous batching). Each rank keeps one; ``key_pos`` [rows, max_seq] holds the position
-    stored in each cache column (-1: empty), which is all the attention mask needs."""
-
-    def __init__(self, model: nn.Module, max_batch: int, max_seq: int) -> None:
-        self.kv = allocate_kv_cache(model, max_batch, max_seq)
-        device, _ = _device_dtype(model)
-        self.key_pos = torch.full((max_batch, max_seq), -1, dtype=torch.long, device=device)
-        self.max_batch, self.max_seq = max_batch, max_seq
-
-
-@torch.no_grad()
-def prefill_slot(model: nn.Module, slots: SlotCache, row: int, ids: list[int]) -> torch.Tensor | None:
-    """Run a new sequence's prompt into cache row ``row``; rank 0 gets its next-token logits [vocab]."""
-    device, dtype = _device_dtype(model)
-    n = len(ids)
-    if not 0 < n <= slots.max_seq:
-        raise ValueError(f"prompt of {n} tokens does not fit a cache row of {slots.max_seq}")
-    pos = torch.arange(n, device=device)[None]
-    slots.key_pos[row] = -1
-    slots.key_pos[row, :n] = pos[0]
-    step = model.make_step(pos, slots.key_pos[row:row + 1, :n], 0, dtype)
-    views = [(k[row:row + 1], v[row:row + 1]) for k, v in slots.kv]
-    logits = model(torch.tensor([ids], device=device), step, views, last_only=True, gather="rank0")
-    return None if logits is None else logits[0, -1].float().cpu()
-
-
-@torch.no_grad()
-def decode_slots(model: nn.Module, slots: SlotCache, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
-    """One decode step over cache rows 0..len(tokens)-1: row r feeds ``tokens[r]`` at position
-    ``positions[r]`` (-1: the row is idle and its output is ignored). Rank 0 gets logits [rows, vocab]."""
-    device, dtype = _device_dtype(model)
-    rows = len(tokens)
-    pos = torch.tensor(positions, device=device)
-    live = pos >= 0
-    if int(pos.max()) >= slots.max_seq:
-        raise ValueError(f"a sequence reached the cache length {slots.max_seq}")
-    pos = pos.clamp(min=0)
-    live_rows = torch.nonzero(live).flatten()
-    slots.key_pos[live_rows, pos[live_rows]] = pos[live_rows]
-    kv_len = int(pos.max()) + 1
-    step = model.make_step(pos[:, None], slots.key_pos[:rows, :kv_len], pos[:, None], dtype)
-    views = [(k[:rows], v[:rows]) for k, v in slots.kv]
-    logits = model(torch.tensor(tokens, device=device)[:, None], step, views, last_only=True, gather="rank0",
-                   compiled=getattr(model, "decode_compiled", False))
-    return None if logits is None else logits[:, -1].float().cpu()
+def ranks_on_this_host(world: int) -> int:
+    """How many ranks share this host's memory (torchrun says; a local engine's all do)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))

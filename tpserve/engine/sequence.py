@@ -10,17 +10,30 @@ from .sampling import SamplingParams, make_generator, sample
 
 
 class Sequence:
-    """Rank 0's view of one sequence being generated: sampling state, text and stop checks."""
+    """One sequence in the engine: its tokens, where its K/V live (``block_table``) and how many
+    of its tokens the cache already holds (``num_computed``), its sampling state, and its text.
+    The engine, the scheduler and the block manager all run on rank 0."""
 
-    def __init__(self, llm, params: SamplingParams, budget: int) -> None:
-        if params.stop and llm.tokenizer is None:
-            llm._need_tokenizer("stop strings")
-        self.llm, self.params, self.budget = llm, params, budget
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, budget: int,
+                 tokenizer=None, eos_ids: frozenset[int] | set[int] = frozenset()) -> None:
+        self.seq_id, self.prompt_ids, self.params, self.budget = seq_id, prompt_ids, params, budget
+        self.eos_ids = eos_ids
         self.generator = make_generator(params)
-        self.detok = IncrementalDetokenizer(llm.tokenizer) if llm.tokenizer is not None else None
-        self.token_ids: list[int] = []
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.token_ids: list[int] = []  # generated
         self.text, self.delta, self.reason = "", "", None
         self._emitted = 0
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        self.preempted = 0  # times its blocks were taken back (it is then recomputed)
+
+    @property
+    def token_ids_all(self) -> list[int]:
+        return self.prompt_ids + self.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.token_ids)
 
     @property
     def finished(self) -> bool:
@@ -32,7 +45,7 @@ class Sequence:
     def accept(self, token: int) -> int:
         """Take ``token`` as this sequence's next: stop checks, text, what to stream."""
         self.delta = ""
-        if token in self.llm.eos_ids and not self.params.ignore_eos:
+        if token in self.eos_ids and not self.params.ignore_eos:
             self.reason = "stop"
             self._publish(self._whole_text())
             return token

@@ -1,9 +1,9 @@
-"""Continuous batching for servers: requests join and leave the running decode loop.
+"""Continuous batching for servers: requests join and leave the running engine loop.
 
-A background thread on rank 0 owns an :class:`LLM`. Each turn it prefills newly arrived
-requests into free rows of a per-rank KV cache (one request at a time), then runs one decode
-step over every busy row; finished rows are freed at once. Callers see each request as a
-stream of :class:`Event`\\ s, delivered from the engine thread.
+A background thread on rank 0 owns an :class:`LLM` and turns its engine's :meth:`step` over and
+over: each step decodes every running request and prefills chunks of waiting prompts, so
+requests join and leave between steps. Callers see each request as a stream of
+:class:`Event`\\ s, delivered from the engine thread.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from tpserve.parallel.layers import REDUCE_ROWS
-
 from .llm import LLM
+from .llm_engine import LLMEngine
 from .sampling import SamplingParams, room_left
 from .sequence import Sequence
 
@@ -33,13 +32,13 @@ class Event:
 
 
 @dataclass
-class _Seq:
+class _Request:
     rid: int
     ids: list[int]
-    state: Sequence
+    params: SamplingParams
+    budget: int
     on_event: Callable[[Event], None]
-    row: int = -1
-    last: int = 0  # the token to feed next
+    seq: Sequence | None = None
 
 
 class ServingEngine:
@@ -48,11 +47,15 @@ class ServingEngine:
     def __init__(self, model=None, tensor_parallel_size: int = 1, dtype: str = "auto", device: str | None = None,
                  max_batch: int = 16, max_model_len: int = 2048,
                  on_fatal: Callable[[str], None] | None = None, compile: bool = False,
-                 tokenizer: str | None = None, skip_tokenizer_init: bool = False) -> None:
+                 tokenizer: str | None = None, skip_tokenizer_init: bool = False,
+                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
-                       compile=compile, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init)
+                       compile=compile, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init,
+                       max_num_seqs=max_batch, kv_cache_memory=kv_cache_memory,
+                       enable_prefix_caching=enable_prefix_caching)
+        self.engine: LLMEngine = self.llm.engine
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_path.name
         self.context = min(self.llm.context, max_model_len)
@@ -60,15 +63,14 @@ class ServingEngine:
         self.on_fatal = on_fatal
         self.error: str | None = None
         self._ids = itertools.count(1)
-        self._waiting: deque[_Seq] = deque()
-        self._rows: list[_Seq | None] = [None] * max_batch
+        self._incoming: deque[_Request] = deque()
+        self._live: dict[int, _Request] = {}  # rid -> request, once the engine has it
         self._aborted: set[int] = set()
         self._wake = threading.Condition()
         self._stop = False
         try:
             if compile:
                 self._compile_now()
-            self.llm._run(("slots_init", max_batch, self.context))
         except BaseException:
             self.llm.close()
             raise
@@ -78,14 +80,12 @@ class ServingEngine:
     def _compile_now(self) -> None:
         """Compile every decode graph a batch of up to ``max_batch`` rows can need, before the
         first request, so that no request waits for a compile."""
-        model = self.llm.model
-        sizes = sorted({min(n, self.max_batch) for n in (1, 2, REDUCE_ROWS + 1)})
-        self.llm._run(("slots_init", sizes[-1], 8))
-        for row in range(sizes[-1]):
-            self.llm._run(("slots_prefill", row, [0, 0]))
-        for rows in sizes:
-            if model.decode_graph(rows) not in model.compiled_graphs:
-                self.llm._run(("slots_decode", [0] * rows, [2] * rows))
+        from tpserve.parallel.layers import REDUCE_ROWS
+
+        warm = SamplingParams(max_tokens=2, ignore_eos=True)
+        for rows in sorted({min(n, self.max_batch) for n in (1, 2, REDUCE_ROWS + 1)}):
+            if self.llm.model.decode_graph(rows) not in self.llm.model.compiled_graphs:
+                self.llm.generate([[0, 0]] * rows, warm)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -95,11 +95,11 @@ class ServingEngine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._incoming) + len(self.engine.scheduler.waiting)
 
     @property
     def running(self) -> int:
-        return sum(s is not None for s in self._rows)
+        return len(self.engine.scheduler.running)
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> int:
         """Queue a request; ValueError at once if it can never run."""
@@ -107,13 +107,16 @@ class ServingEngine:
         if params.max_tokens > room_left(len(ids), self.context):
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {self.context} tokens; lower max_tokens or shorten the prompt")
-        seq = _Seq(next(self._ids), ids, Sequence(self.llm, params, params.max_tokens), on_event)
+        self.engine.check_fits(len(ids), params.max_tokens)
+        if params.stop and self.tokenizer is None:
+            self.llm._need_tokenizer("stop strings")
+        req = _Request(next(self._ids), ids, params, params.max_tokens, on_event)
         with self._wake:  # checked under the lock the failure path takes, so no request is lost
             if not self.healthy:
                 raise RuntimeError(f"the engine is not running: {self.error or 'closed'}")
-            self._waiting.append(seq)
+            self._incoming.append(req)
             self._wake.notify()
-        return seq.rid
+        return req.rid
 
     def abort(self, request_id: int) -> None:
         with self._wake:
@@ -132,67 +135,52 @@ class ServingEngine:
     def _loop(self) -> None:
         try:
             while not self._stop:
-                self._drop_aborted()
-                self._admit()
-                if self.running:
-                    self._decode()
+                self._take_new()
+                if self.engine.has_unfinished():
+                    for seq, new in self.engine.step():
+                        req = self._live[seq.seq_id]
+                        if seq.finished:  # out of the engine before its client can hear that it finished
+                            del self._live[seq.seq_id]
+                        self._emit(req, new)
                 else:
                     with self._wake:
-                        if not self._waiting and not self._stop:
+                        if not self._incoming and not self._aborted and not self._stop:
                             self._wake.wait(timeout=0.5)
                     if any(not p.is_alive() for p in self.llm._workers):  # died while idle
                         self.llm._fail("waiting for requests", None)
         except BaseException as exc:  # a worker died, or a bug: fail everything, loudly
             with self._wake:
                 self.error = f"{type(exc).__name__}: {exc}"
-                pending = [s for s in self._rows if s is not None] + list(self._waiting)
-                self._rows = [None] * self.max_batch
-                self._waiting.clear()
-            for seq in pending:
-                self._emit(seq, finish="error")
+                pending = list(self._live.values()) + list(self._incoming)
+                self._live.clear()
+                self._incoming.clear()
+            for req in pending:
+                self._emit(req, finish="error")
             if self.on_fatal is not None:
                 self.on_fatal(self.error)
 
-    def _drop_aborted(self) -> None:
+    def _take_new(self) -> None:
+        """Hand new requests to the engine and drop aborted ones, between steps."""
         with self._wake:
-            if not self._aborted:
-                return
+            new, self._incoming = list(self._incoming), deque()
             gone, self._aborted = self._aborted, set()
-            self._waiting = deque(s for s in self._waiting if s.rid not in gone)
-        for row, seq in enumerate(self._rows):
-            if seq is not None and seq.rid in gone:
-                self._rows[row] = None
+        for req in new:
+            if req.rid in gone:
+                continue
+            req.seq = self.engine.add(req.ids, req.params, req.budget)
+            self._live[req.seq.seq_id] = req
+        for sid, req in list(self._live.items()):
+            if req.rid in gone:
+                self.engine.abort(req.seq)
+                del self._live[sid]
 
-    def _admit(self) -> None:
-        while self._waiting and None in self._rows:
-            with self._wake:
-                seq = self._waiting.popleft()
-            seq.row = self._rows.index(None)
-            self._rows[seq.row] = seq
-            logits = self.llm._run(("slots_prefill", seq.row, seq.ids))
-            self._advance(seq, logits)
-
-    def _decode(self) -> None:
-        used = max(r for r, s in enumerate(self._rows) if s is not None) + 1
-        tokens = [s.last if s else 0 for s in self._rows[:used]]
-        positions = [len(s.ids) + len(s.state.token_ids) - 1 if s else -1 for s in self._rows[:used]]
-        logits = self.llm._run(("slots_decode", tokens, positions))
-        for row, seq in enumerate(self._rows[:used]):
-            if seq is not None:
-                self._advance(seq, logits[row])
-
-    def _advance(self, seq: _Seq, logits) -> None:
-        before = len(seq.state.token_ids)
-        seq.last = seq.state.pick(logits)
-        new = seq.state.token_ids[before:]
-        if seq.state.finished:  # out of the batch before its client can hear that it finished
-            self._rows[seq.row] = None
-        self._emit(seq, new)
-
-    def _emit(self, seq: _Seq, new: list[int] | None = None, finish: str | None = None) -> None:
-        st = seq.state
+    def _emit(self, req: _Request, new: list[int] | None = None, finish: str | None = None) -> None:
+        st = req.seq
+        delta = st.delta if st is not None and finish is None else ""
+        reason = finish or (st.reason if st is not None else None)
+        done = len(st.token_ids) if st is not None else 0
         try:
-            seq.on_event(Event(seq.rid, st.delta if finish is None else "", new or [], finish or st.reason,
-                               self.error if finish == "error" else None, len(seq.ids), len(st.token_ids)))
+            req.on_event(Event(req.rid, delta, new or [], reason, self.error if finish == "error" else None,
+                               len(req.ids), done))
         except Exception:  # a broken consumer must not take the engine down
-            self.abort(seq.rid)
+            self.abort(req.rid)

@@ -14,33 +14,32 @@ import traceback
 
 import torch
 
-from tpserve.parallel import CommError
+from tpserve.parallel import CommError, group_size
 from tpserve.utils.fs import pid_alive
 
 from . import commands
-from .runner import SlotCache, decode_slots, full_logits, generate, prefill_slot
+from .runner import full_logits, init_cache, ranks_on_this_host, run_step
 
 
-def execute(model, cmd: tuple, choose=None, on_step=None, state: dict | None = None):
+def execute(model, cmd: tuple, state: dict):
     """Run one command on this rank (all ranks call this with the same ``cmd``). ``state``
-    is this rank's memory between commands (the continuous-batching cache)."""
+    is this rank's memory between commands (its KV cache)."""
     kind = cmd[0]
-    if kind == "slots_init":
-        state["slots"] = SlotCache(model, cmd[1], cmd[2])
-        return None
-    if kind == "slots_prefill":
-        return prefill_slot(model, state["slots"], cmd[1], cmd[2])
-    if kind == "slots_decode":
-        return decode_slots(model, state["slots"], cmd[1], cmd[2])
-    if kind == "generate":  # ("generate", prompts, budgets, greedy)
-        _, prompts, max_new, greedy = cmd
-        return generate(model, prompts, max_new, choose, on_step=on_step, greedy=greedy)
+    if kind == "step":
+        return run_step(model, state["kv"], cmd[1])
+    if kind == "kv_init":  # ("kv_init", bytes per rank or None, block size, bytes other engines hold, most blocks)
+        state["kv"] = None  # the old cache goes before the new one is made
+        state["kv"], blocks = init_cache(model, cmd[1], cmd[2], ranks_on_this_host(group_size(model.group)), cmd[3],
+                                         cmd[4])
+        return blocks
     if kind == "logits":
         return full_logits(model, cmd[1])
     if kind == "save":  # ("save", path[, overwrite]): every rank writes its own file
         from tpserve.checkpoint.save import save_checkpoint
 
         return save_checkpoint(model, cmd[1], overwrite=bool(cmd[2]) if len(cmd) > 2 else False)
+    if kind == "done":  # torchrun: rank 0's loop is over, the followers return
+        return None
     raise ValueError(f"unknown engine command {kind!r}")
 
 
@@ -94,7 +93,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
                 os._exit(0)
             if cmd[0] == "close":
                 break
-            execute(model, cmd, state=state)
+            execute(model, cmd, state)
         conn.send(("closed", None))
     except (EOFError, BrokenPipeError):
         os._exit(0)

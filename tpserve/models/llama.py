@@ -34,6 +34,8 @@ from tpserve.parallel import (
 from tpserve.parallel.comm import patience
 from tpserve.parallel.layers import REDUCE_ROWS
 
+from .attention import Step, attend, make_step
+
 # peers may reach a collective a compile's length apart on a compiled step's first call
 COMPILE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMPILE_TIMEOUT", "600"))
 
@@ -147,24 +149,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-@dataclass
-class Step:
-    """What one forward call attends over; built once, shared by every layer.
-
-    slots:     where the new tokens' K/V go in the cache: an int (same column for every row)
-               or a [B, T] tensor of columns.
-    mask:      additive float mask [B, 1, T, kv_len] over the first kv_len cache columns (all
-               of them without a cache); finite, so padded rows never make NaNs.
-    cos, sin:  rope tables for the new tokens' positions, [B, 1, T, head_dim]; ``sin`` carries
-               rotate_half's sign in its first half (see ``_rope``).
-    """
-
-    slots: int | torch.Tensor
-    mask: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-
 def _kv_of_q(spec: Spec, tp: int, rank: int) -> list[int]:
     """For each local query head, the index of its KV head among this rank's KV heads."""
     (q0, q1), (kv0, _) = head_ranges(spec.num_heads, spec.num_kv_heads, tp, rank)
@@ -197,33 +181,16 @@ class Attention(nn.Module):
         self.kv_index = torch.tensor(self.kv_of_q, dtype=torch.long)
 
     def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_local_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_local_kv, self.head_dim)
+        n = x.shape[0]  # tokens flattened: [N, hidden]
+        q = self.q_proj(x).view(n, self.num_local_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_local_kv, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_local_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         q = _rope(q, step.cos, step.sin)
         k = _rope(k, step.cos, step.sin)
-        if cache is not None:  # cache layout [B, H, S, D]
-            k_cache, v_cache = cache
-            if isinstance(step.slots, int):
-                k_cache[:, :, step.slots:step.slots + T] = k
-                v_cache[:, :, step.slots:step.slots + T] = v
-            else:
-                rows = torch.arange(B, device=x.device)[:, None]
-                k_cache.permute(0, 2, 1, 3)[rows, step.slots] = k.transpose(1, 2)
-                v_cache.permute(0, 2, 1, 3)[rows, step.slots] = v.transpose(1, 2)
-            kv_len = step.mask.shape[-1]
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        if self.gqa_uniform:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask,
-                                                 enable_gqa=self.num_local_heads != self.num_local_kv)
-        else:
-            out = F.scaled_dot_product_attention(q, k.index_select(1, self.kv_index), v.index_select(1, self.kv_index),
-                                                 attn_mask=step.mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = attend(q, k, v, step, cache, self.kv_index, self.gqa_uniform)
+        return self.o_proj(out.reshape(n, -1))
 
 
 class MLP(nn.Module):
@@ -345,49 +312,39 @@ class LlamaForCausalLM(nn.Module):
             attn = layer.self_attn
             attn.kv_index = torch.tensor(attn.kv_of_q, dtype=torch.long, device=device)
 
-    def make_step(self, positions: torch.Tensor, key_positions: torch.Tensor, slots: int | torch.Tensor,
-                  dtype: torch.dtype) -> Step:
-        """Rope tables and the attention mask for new tokens at ``positions`` [B, T] that see keys
-        whose positions are ``key_positions`` [B, L] (-1 marks an empty or padded slot)."""
-        freqs = positions[..., None].float() * self.inv_freq
-        cos = (torch.cat((freqs, freqs), dim=-1).cos() * self.rope_scale).to(dtype)[:, None]
-        sin = (freqs.sin() * self.rope_scale).to(dtype)
-        sin = torch.cat((-sin, sin), dim=-1)[:, None]  # rotate_half's sign, see _rope
-        qp, kp = positions[:, :, None], key_positions[:, None, :]
-        allowed = (kp >= 0) & (kp <= qp)
-        if self.spec.sliding_window:
-            allowed &= qp - kp < self.spec.sliding_window
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return Step(slots, mask[:, None], cos, sin)
+    def make_step(self, positions: list[int], **kwargs) -> Step:
+        """A :class:`Step` for tokens at ``positions`` (see :func:`attention.make_step`)."""
+        dtype = self.model.norm.weight.dtype
+        return make_step(self.inv_freq, self.rope_scale, dtype, positions, window=self.spec.sliding_window, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, step: Step, kv_cache: list | None = None,
-                last_only: bool = False, gather: bool | str = True, compiled: bool = False) -> torch.Tensor | None:
-        """Logits for ``input_ids`` [B, T]: all positions, or the last one with ``last_only``.
+                gather: bool | str = True, compiled: bool = False) -> torch.Tensor | None:
+        """Logits for the flattened tokens ``input_ids`` [N] at ``step.logit_rows`` (all without).
         ``gather``: True for full-vocabulary logits on every rank, "rank0" for rank 0 only
-        (others get None), False for this rank's vocabulary slice. ``compiled`` runs the layers
-        and head through :meth:`compile_decode`'s functions; ``step.slots`` must be a tensor."""
+        (others get None), "argmax" for every rank's argmax ids, False for this rank's
+        vocabulary slice. ``compiled`` runs a decode-only step through :meth:`compile_decode`'s
+        functions."""
         if compiled:
             if self._decode_layer is None:
                 raise RuntimeError("forward(compiled=True) needs compile_decode() first")
-            if not isinstance(step.slots, torch.Tensor):  # an int would be baked into the graph
-                raise ValueError("forward(compiled=True) needs step.slots as a [B, T] tensor of cache columns")
+            if step.chunks or kv_cache is None:
+                raise ValueError("forward(compiled=True) runs decode rows over a cache only")
             graph = self.decode_graph(input_ids.shape[0])
             # a graph's first call compiles, so peers may reach each collective a compile's length apart
             first = graph not in self.compiled_graphs
             with _compile_settings(), patience(COMPILE_TIMEOUT_S, self.group) if first else contextlib.nullcontext():
-                out = self._forward(input_ids, step, kv_cache, last_only, gather, True)
+                out = self._forward(input_ids, step, kv_cache, gather, True)
             self.compiled_graphs.add(graph)
             return out
-        return self._forward(input_ids, step, kv_cache, last_only, gather, False)
+        return self._forward(input_ids, step, kv_cache, gather, False)
 
-    def _forward(self, input_ids, step, kv_cache, last_only, gather, compiled):
+    def _forward(self, input_ids, step, kv_cache, gather, compiled):
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             cache = kv_cache[i] if kv_cache is not None else None
             x = self._decode_layer(layer, x, step, cache) if compiled else layer(x, step, cache)
-        if last_only:
-            x = x[:, -1:]
+        if step.logit_rows is not None:
+            x = x.index_select(0, step.logit_rows)
         if compiled:
             return self._decode_head(self, x, gather)
         return self.lm_head(self.model.norm(x), gather_output=gather)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from tpserve.utils.fs import pid_alive
+from tpserve.utils.native import load_extension
 
 SLOT_BYTES = 1 << 20  # per rank and slot; larger messages go through in several rounds
 SHM_DIR = Path("/dev/shm")
@@ -66,22 +67,7 @@ def extension():
 
 
 def _load():
-    """Import the built module directly when this source was built before (torch's ``load``
-    spends ~2 s checking a cached build, in every process), else build it."""
-    import hashlib
-    import importlib.util
-
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    src = Path(__file__).with_name("csrc") / "shm_comm.cpp"
-    name = f"tpserve_shm_{hashlib.sha1(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]}"
-    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    if built.is_file():
-        spec = importlib.util.spec_from_file_location(name, built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return load(name=name, sources=[str(src)], extra_cflags=["-O3"], verbose=False)
+    return load_extension(Path(__file__).with_name("csrc") / "shm_comm.cpp", "tpserve_shm")
 
 
 class ShmComm:

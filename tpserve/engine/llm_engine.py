@@ -1,0 +1,141 @@
+"""The engine loop behind ``LLM.generate``, ``LLM.chat`` and the server, in nano-vllm's shape:
+each :meth:`LLMEngine.step` schedules, runs the model once over the mix, samples, and returns
+what changed. It lives on rank 0; ``run`` sends a command to every rank and returns rank 0's
+result.
+
+Prefill chunks are sized by time, not by a GPU-sized token budget: while sequences are decoding,
+a step may carry only as many prompt tokens as keep it within ``ITL_SLACK`` decode steps, from
+the measured cost of a decode step and of a prompt token (on a 2-core CPU a prompt token costs
+about as much as a tenth of a decode step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+from .block_manager import BlockManager
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+ITL_SLACK = 1.5  # a step with prompt chunks may take this many decode steps' time more
+FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
+MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
+
+
+class StepTimer:
+    """Running estimates of a decode step's time and a prompt token's, to size prompt chunks."""
+
+    def __init__(self, block_size: int) -> None:
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+        self.block_size = block_size
+
+    def budget(self, decoding: bool) -> int:
+        if not decoding:
+            return MAX_PREFILL
+        if self.decode_s is None or self.token_s is None:
+            return FIRST_CHUNK
+        return max(self.block_size, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
+
+    def record(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if prompt_tokens == 0:
+            self.decode_s = ema(self.decode_s, seconds)
+        elif decode_rows == 0 or self.decode_s is not None:
+            base = self.decode_s if decode_rows else 0.0
+            self.token_s = ema(self.token_s, max(seconds - base, 1e-6) / prompt_tokens)
+
+
+def pack(scheduled: list[tuple[Sequence, int]], block_size: int, greedy: bool) -> tuple[dict, list[Sequence]]:
+    """The command for one step, and which sequences get a token from it (in logit-row order).
+    Decode rows come first (the scheduler puts them there); then one chunk per prompt."""
+    ids, positions, slots, tables, chunks, logit_rows, sampled = [], [], [], [], [], [], []
+    for seq, n in scheduled:
+        start = seq.num_computed
+        all_ids = seq.token_ids_all
+        for p in range(start, start + n):
+            slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+        ids.extend(all_ids[start:start + n])
+        positions.extend(range(start, start + n))
+        decode = n == 1 and start + 1 == seq.num_tokens and not chunks
+        if decode:
+            tables.append(seq.block_table[:-(-(start + 1) // block_size)])
+        else:
+            chunks.append((n, start + n, seq.block_table[:-(-(start + n) // block_size)]))
+        if start + n == seq.num_tokens:  # its prompt (or its last token) is all in: it gets a new token
+            logit_rows.append(len(ids) - 1)
+            sampled.append(seq)
+    batch = dict(ids=ids, positions=positions, slots=slots, tables=tables, chunks=chunks, logit_rows=logit_rows,
+                 greedy=greedy)
+    return batch, sampled
+
+
+class LLMEngine:
+    """Sequences in, tokens out, one :meth:`step` at a time."""
+
+    def __init__(self, run: Callable[[tuple], object], num_blocks: int, block_size: int, max_num_seqs: int,
+                 prefix_caching: bool = True, tokenizer=None, eos_ids: set[int] = frozenset()) -> None:
+        self.run, self.block_size = run, block_size
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs)
+        self.timer = StepTimer(block_size)
+        self._ids = itertools.count()
+
+    @property
+    def num_tokens_capacity(self) -> int:
+        return len(self.blocks.blocks) * self.block_size
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError when a request could never be held in the cache, even alone."""
+        need = prompt_tokens + max_tokens
+        if need > self.num_tokens_capacity:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs {need} tokens "
+                             f"of KV cache, more than the {self.num_tokens_capacity} it holds; lower max_tokens, "
+                             f"shorten the prompt, or give the cache more memory (kv_cache_memory / --kv-cache-memory)")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, budget: int | None = None) -> Sequence:
+        budget = params.max_tokens if budget is None else budget
+        self.check_fits(len(prompt_ids), budget)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, budget, self.tokenizer, self.eos_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return len(self.scheduler) > 0
+
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Run one step; each sequence that got a token, with its new token ids (empty when it
+        ended on EOS). A finished sequence has left the engine by the time this returns."""
+        decoding = any(s.num_tokens - s.num_computed == 1 for s in self.scheduler.running)
+        scheduled = self.scheduler.schedule(self.timer.budget(decoding))
+        if not scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
+                raise RuntimeError("the scheduler could not place a waiting request in an empty cache")
+            return []
+        batch, sampled = pack(scheduled, self.block_size, False)
+        batch["greedy"] = all(s.params.temperature == 0 for s in sampled)
+        t0 = time.perf_counter()
+        scores = self.run(("step", batch))
+        decode_rows = len(batch["tables"])
+        self.timer.record(decode_rows, len(batch["ids"]) - decode_rows, time.perf_counter() - t0)
+        self.scheduler.computed(scheduled)
+        out = []
+        for row, seq in enumerate(sampled):
+            before = len(seq.token_ids)
+            if batch["greedy"]:
+                seq.accept(int(scores[row]))
+            else:
+                seq.pick(scores[row])
+            if seq.finished:
+                self.scheduler.finish(seq)
+            out.append((seq, seq.token_ids[before:]))
+        return out
