@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -306,8 +307,9 @@ BAD = [
     ({"model": M, "prompt": "hi", "stop": 5}, 400, "stop", "invalid_type"),
     ({"model": M, "prompt": [1, "a"]}, 400, "prompt", "invalid_type"),
     ({"model": M, "prompt": []}, 400, "prompt", "invalid_value"),
-    ({"model": M, "prompt": "hi", "n": 2}, 400, "n", "unsupported_value"),
-    ({"model": M, "prompt": "hi", "echo": True}, 400, "echo", "unsupported_value"),
+    ({"model": M, "prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
+    ({"model": M, "prompt": "hi", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+    ({"model": M, "prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_value"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "model_not_found"),
     ({"model": M, "prompt": "hi", "max_tokens": 10_000}, 400, "max_tokens", "context_length_exceeded"),
     ({"model": M, "prompt": "x" * 600, "max_tokens": 1}, 400, "prompt", "context_length_exceeded"),
@@ -524,7 +526,10 @@ def _reference() -> dict:
         greedy = SamplingParams(max_tokens=NEW)
         completions = [llm.generate(p, greedy)[0].outputs[0] for p in PROMPTS]
         chat = llm.chat(CHAT, SamplingParams(max_tokens=24))[0].outputs[0]
-    return {"completions": [(o.text, o.finish_reason) for o in completions], "chat": chat.text}
+        ids = llm.tokenizer(SCORED)["input_ids"]
+        scored = torch.log_softmax(llm.logits([ids])[0], dim=-1)
+    return {"completions": [(o.text, o.finish_reason) for o in completions], "chat": chat.text, "scored_ids": ids,
+            "scored": [None] + [float(scored[i - 1, t]) for i, t in enumerate(ids) if i]}
 
 
 def _children(pid: int) -> list[int]:
@@ -646,6 +651,45 @@ def _stream_all(url: str, name: str) -> list[dict]:
             return await asyncio.gather(*[_stream_one(client, name, p, t0) for p in PROMPTS])
 
     return asyncio.run(main())
+
+
+SCORED = "The capital of France is Paris, and the capital of Italy is Rome."
+
+
+def test_what_evaluators_send_echo_logprobs_token_ids_n_and_tokenize(real):
+    """lm-evaluation-harness's loglikelihood request (token-id prompts, echo, logprobs=1,
+    max_tokens=1), n > 1, chat logprobs, and vLLM's /tokenize and /detokenize."""
+    url, name, reference, _ = real
+    ids = reference["scored_ids"]
+    with httpx.Client(base_url=url, timeout=120) as c:
+        tokenized = c.post("/tokenize", json={"model": name, "prompt": SCORED}).json()
+        assert tokenized["tokens"] == ids and tokenized["count"] == len(ids)
+        assert c.post("/detokenize", json={"tokens": ids}).json()["prompt"] == SCORED
+        body = {"model": name, "prompt": [ids, ids[:5]], "echo": True, "logprobs": 1, "max_tokens": 1,
+                "temperature": 0}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        first, second = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+        lp = first["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:len(ids)], reference["scored"][1:])) < 1e-3
+        assert all(top[tok] == lp["token_logprobs"][i]
+                   for i, (tok, top) in enumerate(zip(lp["tokens"], lp["top_logprobs"])) if top)
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())  # the greedy continuation
+        assert first["text"].startswith(SCORED) and len(second["logprobs"]["tokens"]) == 6
+        assert r.json()["usage"]["prompt_tokens"] == len(ids) + 5
+        r = c.post("/v1/completions", json={"model": name, "prompt": "Once upon a time", "n": 3, "max_tokens": 5,
+                                            "temperature": 1.0, "seed": 7})
+        assert sorted(ch["index"] for ch in r.json()["choices"]) == [0, 1, 2]
+        once = c.post("/tokenize", json={"prompt": "Once upon a time"}).json()["count"]
+        assert r.json()["usage"]["prompt_tokens"] == once  # one prompt, however many choices
+        chat = c.post("/v1/chat/completions", json={"model": name, "messages": CHAT, "max_tokens": 6, "temperature": 0,
+                                                     "logprobs": True, "top_logprobs": 2}).json()
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"]
+        assert all(len(item["top_logprobs"]) == 2 and item["top_logprobs"][0]["logprob"] == item["logprob"]
+                   for item in content)  # greedy: the chosen token is the most likely
+        assert "".join(item["token"] for item in content) == chat["choices"][0]["message"]["content"]
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_answer(real):

@@ -79,19 +79,20 @@ class BlockManager:
             found.append(block)
         return found
 
-    def can_allocate(self, token_ids: list[int], reserve: int = 0) -> bool:
-        hit = self.cached_prefix(token_ids)
+    def can_allocate(self, token_ids: list[int], reserve: int = 0, use_cache: bool = True) -> bool:
+        hit = self.cached_prefix(token_ids) if use_cache else []
         new = self.blocks_for(len(token_ids)) - len(hit)
         reusable_free = sum(1 for b in hit if b.refs == 0)  # a hit on a free block takes it off the free list
         return self.num_free - reusable_free >= new + reserve
 
-    def allocate(self, seq) -> None:
-        """Blocks for all of ``seq``'s tokens so far: cached ones where its prefix is known, new
-        ones for the rest. Sets ``seq.num_computed`` to the tokens found cached."""
+    def allocate(self, seq, use_cache: bool = True) -> None:
+        """Blocks for all of ``seq``'s tokens so far: cached ones where its prefix is known (unless
+        not ``use_cache``: every token is then computed), new ones for the rest. Sets
+        ``seq.num_computed`` to the tokens found cached."""
         if seq.block_table:
             raise RuntimeError("allocate() on a sequence that holds blocks")
         ids = seq.token_ids_all
-        hit = self.cached_prefix(ids)
+        hit = self.cached_prefix(ids) if use_cache else []
         for block in hit:
             if block.refs == 0:
                 del self.free[block.id]

@@ -48,9 +48,11 @@ from .group import engine_device, engine_store, join_engine_group
 from .llm_engine import LLMEngine
 from .runner import BLOCK_SIZE, block_bytes, max_blocks
 from .sampling import SamplingParams, room_left
+from .sequence import Logprob
 from .tokenizer import eos_token_ids, load_tokenizer
 from .worker import execute, worker_main
 
+MAX_LOGPROBS = 20
 _kv_reserved: dict[int, int] = {}  # open engines' KV cache bytes (all ranks), which later defaults leave alone
 
 
@@ -59,7 +61,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None  # "stop" (EOS, a stop token or a stop string) or "length"
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token, with SamplingParams(logprobs=k)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # the first token's is None
 
 
 class WorkerError(RuntimeError):
@@ -445,14 +449,20 @@ class LLM:
         for sp in params:
             if sp.stop and self.tokenizer is None:
                 self._need_tokenizer("stop strings")
+            for name in ("logprobs", "prompt_logprobs"):
+                if (getattr(sp, name) or 0) > MAX_LOGPROBS:
+                    raise ValueError(f"{name}={getattr(sp, name)} asks for more than {MAX_LOGPROBS} alternatives per "
+                                     f"token (vLLM's default max_logprobs); ask for fewer")
         if self.under_torchrun and self.rank != 0:
             self._follow()
             return broadcast_object(None, 0, self.group)
         engine = self.engine
         for (_, ids), budget in zip(encoded, budgets):
             engine.check_fits(len(ids), budget)
-        seqs = [engine.add(ids, sp, budget) for (_, ids), sp, budget in zip(encoded, params, budgets)]
-        row = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        families = [[engine.add(ids, sp.for_child(i), budget) for i in range(sp.n)]  # n completions of a prompt
+                    for (_, ids), sp, budget in zip(encoded, params, budgets)]
+        seqs = [seq for family in families for seq in family]
+        row = {seq.seq_id: i for i, family in enumerate(families) for seq in family}
         try:
             while engine.has_unfinished():
                 for seq, _ in engine.step():
@@ -466,8 +476,9 @@ class LLM:
         finally:
             if self.under_torchrun and self.engine is not None:
                 self._run(("done",))
-        outs = [RequestOutput(prompt, ids, [CompletionOutput(0, seq.text, seq.token_ids, seq.reason)])
-                for (prompt, ids), seq in zip(encoded, seqs)]
+        outs = [RequestOutput(prompt, ids, [CompletionOutput(i, s.text, s.token_ids, s.reason, s.logprobs)
+                                            for i, s in enumerate(family)], prompt_logprobs=family[0].prompt_logprobs)
+                for (prompt, ids), family in zip(encoded, families)]
         if self.under_torchrun:
             outs = broadcast_object(outs, 0, self.group)
         return outs

@@ -51,10 +51,12 @@ class StepTimer:
             self.token_s = ema(self.token_s, max(seconds - base, 1e-6) / prompt_tokens)
 
 
-def pack(scheduled: list[tuple[Sequence, int]], block_size: int, greedy: bool) -> tuple[dict, list[Sequence]]:
-    """The command for one step, and which sequences get a token from it (in logit-row order).
-    Decode rows come first (the scheduler puts them there); then one chunk per prompt."""
+def pack(scheduled: list[tuple[Sequence, int]], block_size: int) -> tuple[dict, list[Sequence], list]:
+    """The command for one step, which sequences get a token from it (in logit-row order), and
+    which prompt positions of which sequences get log-probabilities. Decode rows come first (the
+    scheduler puts them there); then one chunk per prompt."""
     ids, positions, slots, tables, chunks, logit_rows, sampled = [], [], [], [], [], [], []
+    prompt_rows, prompt_of, top = [], [], 0
     for seq, n in scheduled:
         start = seq.num_computed
         all_ids = seq.token_ids_all
@@ -67,12 +69,18 @@ def pack(scheduled: list[tuple[Sequence, int]], block_size: int, greedy: bool) -
             tables.append(seq.block_table[:-(-(start + 1) // block_size)])
         else:
             chunks.append((n, start + n, seq.block_table[:-(-(start + n) // block_size)]))
+        if seq.prompt_logprobs is not None:  # position p scores prompt token p + 1
+            first = len(ids) - n
+            for p in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, len(seq.prompt_ids) - 1)):
+                prompt_rows.append((first + p - start, seq.prompt_ids[p + 1]))
+                prompt_of.append((seq, p))
+            top = max(top, seq.params.prompt_logprobs)
         if start + n == seq.num_tokens:  # its prompt (or its last token) is all in: it gets a new token
             logit_rows.append(len(ids) - 1)
             sampled.append(seq)
     batch = dict(ids=ids, positions=positions, slots=slots, tables=tables, chunks=chunks, logit_rows=logit_rows,
-                 greedy=greedy)
-    return batch, sampled
+                 prompt_rows=prompt_rows, prompt_top=top, greedy=all(s.params.plain_greedy for s in sampled))
+    return batch, sampled, prompt_of
 
 
 class LLMEngine:
@@ -121,13 +129,16 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
                 raise RuntimeError("the scheduler could not place a waiting request in an empty cache")
             return []
-        batch, sampled = pack(scheduled, self.block_size, False)
-        batch["greedy"] = all(s.params.temperature == 0 for s in sampled)
+        batch, sampled, prompt_of = pack(scheduled, self.block_size)
         t0 = time.perf_counter()
-        scores = self.run(("step", batch))
+        scores, prompt = self.run(("step", batch))
         decode_rows = len(batch["tables"])
         self.timer.record(decode_rows, len(batch["ids"]) - decode_rows, time.perf_counter() - t0)
         self.scheduler.computed(scheduled)
+        if prompt is not None:
+            logprob, rank, top_ids, top_lps = (t.tolist() for t in prompt)
+            for i, (seq, p) in enumerate(prompt_of):
+                seq.add_prompt_logprob(p, logprob[i], rank[i], top_ids[i], top_lps[i])
         out = []
         for row, seq in enumerate(sampled):
             before = len(seq.token_ids)

@@ -9,13 +9,16 @@ cannot diverge even when sampling is random.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 
 import torch
 from torch import nn
 
 from tpserve.models import attention
-from tpserve.parallel import all_gather_object
+from tpserve.parallel import all_gather_object, gather_to_rank0, group_rank, group_size
+from tpserve.parallel.layers import vocab_argmax, vocab_logprobs
 
 BLOCK_SIZE = 16
 DEFAULT_KV_FRACTION = 0.25  # of the memory free when the cache is made, split between the ranks on a host
@@ -71,24 +74,52 @@ def init_cache(model: nn.Module, memory: int | None, block_size: int, ranks_here
     for layer in model.model.layers:
         attn = layer.self_attn
         shape = (blocks, block_size, attn.num_local_kv, attn.head_dim)
-        cache.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
+        cache.append((_zeros(shape, dtype, device), _zeros(shape, dtype, device)))
     return cache, blocks
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that take memory only where written, on CPU (an anonymous mapping's pages are zero
+    until touched), so a cache sized for the worst case costs what it holds."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize))
+    return torch.frombuffer(pages, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
 @torch.no_grad()
-def run_step(model: nn.Module, cache: list, batch: dict) -> torch.Tensor | None:
-    """One forward over a step (see ``llm_engine.pack``). Rank 0 gets float32 logits [rows,
-    vocab] for ``logit_rows``, or their argmax ids [rows] when ``batch["greedy"]``; others None
-    (or the ids too)."""
+def run_step(model: nn.Module, cache: list, batch: dict) -> tuple | None:
+    """One forward over a step (see ``llm_engine.pack``). Rank 0 gets ``(scores, prompt)``:
+    float32 logits [rows, vocab] for the rows to sample (their argmax ids [rows] when
+    ``batch["greedy"]``), and for the prompt positions that want log-probabilities
+    (``batch["prompt_rows"]``, with their targets) what :func:`vocab_logprobs` finds, or None.
+    Other ranks get None. No rank ever holds more than its own vocabulary slice of a prompt's
+    logits."""
     device, _ = _device_dtype(model)
+    sample_rows, prompt_rows = batch["logit_rows"], batch["prompt_rows"]
     step = model.make_step(batch["positions"], slots=batch["slots"], tables=batch["tables"], chunks=batch["chunks"],
-                           logit_rows=batch["logit_rows"])
+                           logit_rows=sample_rows + [r for r, _ in prompt_rows])
     ids = torch.tensor(batch["ids"], dtype=torch.long, device=device)
     compiled = model.decode_compiled and not batch["chunks"]
-    out = model(ids, step, cache, gather="argmax" if batch["greedy"] else "rank0", compiled=compiled)
-    if out is None:
+    local = model(ids, step, cache, gather=False, compiled=compiled)  # this rank's vocabulary slice
+    head, group = model.lm_head, model.group
+    rank0 = group_rank(group) == 0
+    picked = local[:len(sample_rows)]
+    if not sample_rows:  # every rank knows: the step only carried prompt chunks
+        scores = torch.zeros(0, dtype=torch.long if batch["greedy"] else torch.float32)
+    elif batch["greedy"]:
+        scores = vocab_argmax(picked, head.vocab_start, group)
+    else:
+        scores = gather_to_rank0(picked, head.vocab_sizes, group) if group_size(group) > 1 else picked
+    prompt = None
+    if prompt_rows:
+        targets = torch.tensor([t for _, t in prompt_rows], dtype=torch.long, device=device)
+        prompt = vocab_logprobs(local[len(sample_rows):], targets, batch["prompt_top"], head.vocab_start, group)
+        if prompt is not None:
+            prompt = tuple(t.cpu() for t in prompt)
+    if not rank0:
         return None
-    return out.cpu() if batch["greedy"] else out.float().cpu()
+    return (scores.cpu() if batch["greedy"] else scores.float().cpu()), prompt
 
 
 @torch.no_grad()

@@ -67,18 +67,33 @@ class Scheduler:
             if left > 1 and budget > 0:
                 chunks.append((seq, min(left, budget)))
                 budget -= chunks[-1][1]
+        later: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._shares_a_prefill(seq):  # its prefix is being computed: wait for it, then reuse it
+                later.append(self.waiting.popleft())
+                continue
+            use_cache = seq.prompt_logprobs is None  # every prompt position must be computed to be scored
             # keep a block per running sequence in hand, so the next decodes need not preempt
-            if not self.blocks.can_allocate(seq.token_ids_all, reserve=len(self.running) if self.running else 0):
+            if not self.blocks.can_allocate(seq.token_ids_all, len(self.running), use_cache):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, use_cache)
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             chunks.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(later))
         return decode + chunks
+
+    def _shares_a_prefill(self, seq: Sequence) -> bool:
+        """Whether a running sequence is still prefilling the same first block (the n completions
+        of one prompt, or requests with one system prompt that arrive together)."""
+        bs = self.blocks.block_size
+        if not self.blocks.prefix_caching or seq.num_tokens <= bs or seq.prompt_logprobs is not None:
+            return False
+        head = seq.prompt_ids[:bs]
+        return any(r.num_computed < len(r.prompt_ids) and r.prompt_ids[:bs] == head for r in self.running)
 
     def computed(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """The step ran: its tokens' K/V are in the cache."""

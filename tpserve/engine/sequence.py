@@ -3,10 +3,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .detokenizer import IncrementalDetokenizer
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, make_generator, penalise, sample
+
+
+@dataclass
+class Logprob:
+    """vLLM's shape: a token's log-probability, its rank in the vocabulary (1: the most likely)
+    and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 class Sequence:
@@ -23,6 +35,11 @@ class Sequence:
         self.token_ids: list[int] = []  # generated
         self.text, self.delta, self.reason = "", "", None
         self._emitted = 0
+        self.tokenizer = tokenizer
+        # one {token id: Logprob} per generated token / per prompt token (the first: None)
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.block_table: list[int] = []
         self.num_computed = 0
         self.preempted = 0  # times its blocks were taken back (it is then recomputed)
@@ -40,16 +57,46 @@ class Sequence:
         return self.reason is not None
 
     def pick(self, logits: torch.Tensor) -> int:
-        return self.accept(sample(logits, self.params, self.generator))
+        """Sample the next token from float32 logits [vocab] and take it."""
+        params = self.params
+        scores = penalise(logits, params, self.prompt_ids, self.token_ids) if params.penalised else logits
+        token = sample(scores, params, self.generator)
+        entry = None
+        if params.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            top = lp.topk(params.logprobs) if params.logprobs else None
+            chosen = float(lp[token])
+            entry = self._entry(token, chosen, int((lp > lp[token]).sum()) + 1,
+                                top.indices.tolist() if top else [], top.values.tolist() if top else [])
+        return self.accept(token, entry)
 
-    def accept(self, token: int) -> int:
+    def _entry(self, token: int, logprob: float, rank: int, top_ids: list[int], top_lps: list[float]) -> dict:
+        name = self._name
+        out = {token: Logprob(logprob, rank, name(token))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            out.setdefault(t, Logprob(v, r, name(t)))
+        return out
+
+    def _name(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    def add_prompt_logprob(self, position: int, logprob: float, rank: int, top_ids: list[int],
+                           top_lps: list[float]) -> None:
+        """The log-probability of prompt token ``position + 1`` (computed at ``position``); a
+        recomputed position (after preemption) is already known and kept."""
+        if self.prompt_logprobs is not None and len(self.prompt_logprobs) == position + 1:
+            self.prompt_logprobs.append(self._entry(self.prompt_ids[position + 1], logprob, rank, top_ids, top_lps))
+
+    def accept(self, token: int, entry: dict | None = None) -> int:
         """Take ``token`` as this sequence's next: stop checks, text, what to stream."""
         self.delta = ""
-        if token in self.eos_ids and not self.params.ignore_eos:
+        if (token in self.eos_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             self.reason = "stop"
             self._publish(self._whole_text())
             return token
         self.token_ids.append(token)
+        if self.logprobs is not None and entry is not None:
+            self.logprobs.append(entry)
         if self.detok is not None:
             self.detok.add(token)
         text = self.detok.text if self.detok is not None else ""

@@ -29,6 +29,8 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list | None = None  # one {token id: Logprob} per new token, when asked for
+    prompt_logprobs: list | None = None  # on a request's first event, when asked for
 
 
 @dataclass
@@ -39,6 +41,7 @@ class _Request:
     budget: int
     on_event: Callable[[Event], None]
     seq: Sequence | None = None
+    told_prompt: bool = False
 
 
 class ServingEngine:
@@ -179,8 +182,14 @@ class ServingEngine:
         delta = st.delta if st is not None and finish is None else ""
         reason = finish or (st.reason if st is not None else None)
         done = len(st.token_ids) if st is not None else 0
+        logprobs = prompt = None
+        if st is not None and finish is None:
+            if st.logprobs is not None:
+                logprobs = st.logprobs[len(st.logprobs) - len(new or []):]
+            if st.prompt_logprobs is not None and not req.told_prompt:
+                prompt, req.told_prompt = st.prompt_logprobs, True
         try:
             req.on_event(Event(req.rid, delta, new or [], reason, self.error if finish == "error" else None,
-                               len(req.ids), done))
+                               len(req.ids), done, logprobs, prompt))
         except Exception:  # a broken consumer must not take the engine down
             self.abort(req.rid)

@@ -266,6 +266,45 @@ def vocab_argmax(logits: torch.Tensor, start: int, group: dist.ProcessGroup | No
     return every[..., 1].gather(0, rank)[0].long()
 
 
+def vocab_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int, start: int,
+                   group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, ...] | None:
+    """Log-probabilities of ``targets`` [rows] under logits split by vocabulary (this rank's slice
+    [rows, local vocab] begins at id ``start``), their ranks (1: the most likely), and the ``k``
+    most likely ids with theirs, on group-rank 0 (others None). Each rank sends only its maximum,
+    its sum of exponentials, its count above the target and its own top k, never its logits."""
+    x = logits.detach().float()
+    rows, width = x.shape
+    local = targets.to(x.device) - start
+    inside = (local >= 0) & (local < width)
+    picked = x.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
+    picked = torch.where(inside, picked, torch.full_like(picked, float("-inf")))
+    world = comm.group_size(group)
+    if world > 1:  # every rank needs the target's logit to count the logits above it
+        picked = comm.all_gather(picked[None], dim=0, group=group, sizes=[1] * world).max(0).values
+    top = x.topk(min(k, width), dim=-1) if k else None
+    biggest = x.max(-1).values
+    pieces = [biggest[:, None].double(), (x - biggest[:, None]).exp().sum(-1, keepdim=True).double(),
+              (x > picked[:, None]).sum(-1, keepdim=True).double()]
+    if top is not None:
+        pieces += [top.values.double(), (top.indices + start).double()]
+    mine = torch.cat(pieces, dim=-1)[None]  # [1, rows, 3 + 2k]; ids are exact in float64
+    every = comm.all_gather(mine, dim=0, group=group, sizes=[1] * world) if world > 1 else mine
+    if comm.group_rank(group) != 0:
+        return None
+    m, sums, above = every[..., 0], every[..., 1], every[..., 2]
+    most = m.max(0).values
+    lse = most + (sums * (m - most).exp()).sum(0).log()
+    logprob = (picked.double() - lse).float()
+    rank = above.sum(0).long() + 1
+    if top is None:
+        return logprob, rank, torch.zeros(rows, 0, dtype=torch.long), torch.zeros(rows, 0)
+    kk = top.values.shape[-1]
+    vals = every[..., 3:3 + kk].permute(1, 0, 2).reshape(rows, -1)
+    ids = every[..., 3 + kk:].permute(1, 0, 2).reshape(rows, -1)
+    best = vals.topk(min(k, vals.shape[-1]), dim=-1)
+    return logprob, rank, ids.gather(1, best.indices).long(), (best.values - lse[:, None]).float()
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection split by vocabulary, the same way as :class:`VocabParallelEmbedding`,
     so a tied head can share the embedding's shard.

@@ -37,7 +37,9 @@ from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationRequest,
+    TokenizeRequest,
     parse,
     too_large,
     validation_error,
@@ -45,6 +47,8 @@ from .protocol import (
 from .streaming import Choice, collect, stream, submit, usage
 
 UNHEALTHY_GRACE_S = 2.0  # after the engine fails, keep answering 503s this long, then exit
+MAX_N = 64
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -57,13 +61,24 @@ def _check_model(engine, name: str) -> None:
 
 
 def _sampling_params(req: GenerationRequest, max_tokens: int | None, longest_prompt: int, context: int,
-                     prompt_param: str) -> SamplingParams:
+                     prompt_param: str, logprobs: int | None = None, prompt_logprobs: int | None = None
+                     ) -> SamplingParams:
     """Check the sampling fields (naming the bad one) and turn them into engine parameters."""
-    if req.n not in (None, 1):
-        raise APIError(400, f"only n=1 is supported, got n={req.n}", param="n", code="unsupported_value")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0):
-            raise APIError(400, f"'{name}' is not supported (only 0)", param=name, code="unsupported_value")
+        if not -2 <= (getattr(req, name) or 0) <= 2:
+            raise APIError(400, f"{name} must be between -2 and 2, got {getattr(req, name)}", param=name,
+                           code="invalid_value")
+    if req.repetition_penalty is not None and not req.repetition_penalty > 0:
+        raise APIError(400, f"repetition_penalty must be > 0 (1 disables it), got {req.repetition_penalty}",
+                       param="repetition_penalty", code="invalid_value")
+    if req.min_p is not None and not 0 <= req.min_p <= 1:
+        raise APIError(400, f"min_p must be between 0 and 1, got {req.min_p}", param="min_p", code="invalid_value")
+    if req.stop_token_ids is not None and not all(0 <= t for t in req.stop_token_ids):
+        raise APIError(400, "stop_token_ids must be token ids (integers >= 0)", param="stop_token_ids",
+                       code="invalid_value")
     temperature = 1.0 if req.temperature is None else req.temperature
     if not 0 <= temperature <= 2:
         raise APIError(400, f"temperature must be between 0 and 2, got {temperature}", param="temperature",
@@ -94,9 +109,20 @@ def _sampling_params(req: GenerationRequest, max_tokens: int | None, longest_pro
                        param="max_tokens", code="context_length_exceeded")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
+                              seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, n=n,
+                              presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                              min_p=req.min_p or 0.0, stop_token_ids=req.stop_token_ids, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
+
+
+def _check_logprobs(k: int | None, param: str) -> None:
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"{param} must be between 0 and {MAX_LOGPROBS}, got {k}", param=param,
+                       code="invalid_value")
 
 
 def _need_tokenizer(engine, what: str, param: str) -> None:
@@ -143,8 +169,6 @@ async def _chat_prompt(engine, tok: Tokenizing | None, req: ChatRequest) -> list
     """The conversation through the model's chat template, ready for the assistant's turn."""
     if req.tools:
         raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_value")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_value")
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -175,6 +199,63 @@ async def _chat_prompt(engine, tok: Tokenizing | None, req: ChatRequest) -> list
     return await _encode(tok, engine, text, "messages", add_special_tokens=False)
 
 
+# ---- log-probabilities, in OpenAI's two shapes ---------------------------------------------
+
+def _token_name(engine, token: int, entry: dict | None) -> str:
+    if entry is not None and token in entry and entry[token].decoded_token is not None:
+        return entry[token].decoded_token
+    if engine.tokenizer is not None:
+        return engine.tokenizer.decode([token])
+    return f"token_id:{token}"  # vLLM's spelling when there is no text
+
+
+def _completion_logprobs(engine, tokens: list[int], entries: list[dict | None]) -> dict:
+    """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; an entry of None (the
+    first prompt token) has no log-probability."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, entry in zip(tokens, entries):
+        name = _token_name(engine, token, entry)
+        out["tokens"].append(name)
+        out["text_offset"].append(offset)
+        offset += len(name)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(entry[token].logprob)
+        out["top_logprobs"].append({_token_name(engine, t, entry): lp.logprob for t, lp in entry.items()})
+    return out
+
+
+def _chat_logprobs(engine, tokens: list[int], entries: list[dict], k: int) -> dict:
+    def item(token: int, entry: dict) -> dict:
+        name = _token_name(engine, token, entry)
+        return {"token": name, "logprob": entry[token].logprob, "bytes": list(name.encode("utf-8"))}
+
+    content = []
+    for token, entry in zip(tokens, entries):
+        top = sorted((t for t, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda t: entry[t].rank)
+        content.append({**item(token, entry), "top_logprobs": [item(t, entry) for t in top]})
+    return {"content": content}
+
+
+def _logprobs_of(engine, req, chat: bool, choice: Choice, tokens: list[int], entries: list, echo: bool):
+    """The choice's ``logprobs`` field for ``tokens`` (with the prompt's first, for an echo)."""
+    if chat:
+        return _chat_logprobs(engine, tokens, entries, req.top_logprobs or 0) if req.logprobs else None
+    if req.logprobs is None:
+        return None
+    if echo:
+        prompt = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
+        tokens, entries = choice.prompt_ids + tokens, list(prompt) + list(entries)
+    return _completion_logprobs(engine, tokens, entries)
+
+
+def _prompt_text(engine, choice: Choice) -> str:
+    return engine.tokenizer.decode(choice.prompt_ids) if engine.tokenizer is not None else ""
+
+
 # ---- the app -----------------------------------------------------------------------------
 
 async def _answer(request: Request, engine, gen, req: GenerationRequest, chat: bool) -> Response:
@@ -189,10 +270,18 @@ async def _answer(request: Request, engine, gen, req: GenerationRequest, chat: b
         if chat:
             base = {**base, "object": "chat.completion.chunk"}
 
-        def chunk(choice: Choice, text: str | None, finish: str | None) -> dict:
+        def chunk(choice: Choice, event) -> dict:
+            text, finish = (event.text, event.finish_reason) if event is not None else (None, None)
+            echo = not chat and req.echo and event is not None and not choice.started
+            if echo:  # a completion's echoed prompt comes before its first piece of text
+                text = _prompt_text(engine, choice) + (text or "")
             part = {"delta": {"content": text} if text else {}} if chat else {"text": text or ""}
-            return {**base, "choices": [{"index": choice.index, **part, "logprobs": None, "finish_reason": finish}],
-                    **extra}
+            logprobs = None
+            if event is not None and event.logprobs:
+                new = event.token_ids[:len(event.logprobs)]
+                logprobs = _logprobs_of(engine, req, chat, choice, new, event.logprobs, echo)
+            return {**base, "choices": [{"index": choice.index, **part, "logprobs": logprobs,
+                                         "finish_reason": finish}], **extra}
 
         head = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}], **extra}] if chat else []
@@ -201,8 +290,13 @@ async def _answer(request: Request, engine, gen, req: GenerationRequest, chat: b
     choices = []
     for c in sorted(gen.choices.values(), key=lambda c: c.index):
         text = "".join(c.text)
+        echo = not chat and req.echo
+        if echo:
+            text = _prompt_text(engine, c) + text
         part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choices.append({"index": c.index, **part, "logprobs": None, "finish_reason": c.finish_reason})
+        tokens = c.token_ids[:len(c.logprobs)]  # an ending EOS has no entry: it is not output
+        logprobs = _logprobs_of(engine, req, chat, c, tokens, c.logprobs, echo)
+        choices.append({"index": c.index, **part, "logprobs": logprobs, "finish_reason": c.finish_reason})
     return JSONResponse({**base, "choices": choices, "usage": usage(gen)})
 
 
@@ -273,13 +367,14 @@ def create_app(engine, api_key: str | None = None, max_request_bytes: int = DEFA
     async def completions(request: Request) -> Response:
         req = await parse(request, CompletionRequest)
         _check_model(engine, req.model)
-        for name, used in (("echo", req.echo), ("logprobs", req.logprobs), ("best_of", req.best_of not in (None, 1))):
-            if used:
-                raise APIError(400, f"'{name}' is not supported by this server", param=name,
-                               code="unsupported_value")
+        if req.best_of not in (None, 1, req.n):
+            raise APIError(400, "'best_of' other than n is not supported by this server", param="best_of",
+                           code="unsupported_value")
+        _check_logprobs(req.logprobs, "logprobs")
         prompts = await _completion_prompts(engine, tok, req)
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = _sampling_params(req, max_tokens, max(len(p) for p in prompts), engine.context, "prompt")
+        params = _sampling_params(req, max_tokens, max(len(p) for p in prompts), engine.context, "prompt",
+                                  req.logprobs, req.logprobs if req.echo and req.logprobs is not None else None)
         gen = submit(engine, metrics, "/v1/completions", prompts, params, "prompt")
         return await _answer(request, engine, gen, req, chat=False)
 
@@ -287,11 +382,39 @@ def create_app(engine, api_key: str | None = None, max_request_bytes: int = DEFA
     async def chat_completions(request: Request) -> Response:
         req = await parse(request, ChatRequest)
         _check_model(engine, req.model)
+        _check_logprobs(req.top_logprobs, "top_logprobs")
         ids = await _chat_prompt(engine, tok, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = _sampling_params(req, max_tokens, len(ids), engine.context, "messages")
+        params = _sampling_params(req, max_tokens, len(ids), engine.context, "messages",
+                                  (req.top_logprobs or 0) if req.logprobs else None)
         gen = submit(engine, metrics, "/v1/chat/completions", [ids], params, "messages")
         return await _answer(request, engine, gen, req, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        """vLLM's: a prompt's token ids, or chat messages' through the template."""
+        req = await parse(request, TokenizeRequest)
+        if req.model is not None:
+            _check_model(engine, req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either 'prompt' or 'messages'", param="prompt", code="invalid_value")
+        _need_tokenizer(engine, "/tokenize", "prompt" if req.prompt is not None else "messages")
+        if req.prompt is not None:
+            ids = await _encode(tok, engine, req.prompt, "prompt", req.add_special_tokens)
+        else:
+            ids = await _chat_prompt(engine, tok, ChatRequest(model=engine.model_name, messages=req.messages))
+        return {"count": len(ids), "max_model_len": engine.context, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = await parse(request, DetokenizeRequest)
+        if req.model is not None:
+            _check_model(engine, req.model)
+        _need_tokenizer(engine, "/detokenize", "tokens")
+        vocab = len(engine.tokenizer)
+        if not all(0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"tokens must be ids in 0..{vocab - 1}", param="tokens", code="invalid_value")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
 
     return app
 

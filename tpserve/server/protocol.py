@@ -74,7 +74,11 @@ class GenerationRequest(_Strict):
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    ignore_eos: bool = False  # vLLM's extension (benchmarks)
+    # vLLM's extensions
+    ignore_eos: bool = False
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -94,7 +98,22 @@ class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize``: a prompt, or chat messages through the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 _UNION_TYPES = {

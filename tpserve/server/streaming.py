@@ -27,10 +27,15 @@ POLL_S = 0.5  # how often a waiting request re-checks engine health (a safety ne
 @dataclass
 class Choice:
     index: int
-    prompt_tokens: int
+    prompt_ids: list[int]
+    counts_prompt: bool = True  # the first of a prompt's n choices carries its prompt in the usage
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # one {token id: Logprob} per token, when asked for
+    prompt_logprobs: list | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
+    started: bool = False  # an event of it has been sent on (streaming: the echo goes first)
 
 
 @dataclass
@@ -62,9 +67,10 @@ def submit(engine, metrics: Metrics, endpoint: str, prompts: list[list[int]], pa
 
     try:
         for i, ids in enumerate(prompts):
-            rid = engine.submit(ids, params, on_event)
-            gen.choices[rid] = Choice(i, len(ids))
-            gen.pending.add(rid)
+            for j in range(params.n):  # OpenAI's order: each prompt's n choices together
+                rid = engine.submit(ids, params.for_child(j), on_event)
+                gen.choices[rid] = Choice(i * params.n + j, ids, j == 0)
+                gen.pending.add(rid)
     except ValueError as exc:
         _abort_pending(gen)
         raise APIError(400, str(exc), param=prompt_param, code="invalid_value") from None
@@ -73,7 +79,7 @@ def submit(engine, metrics: Metrics, endpoint: str, prompts: list[list[int]], pa
         if not engine.healthy:
             raise unavailable(engine) from None
         raise
-    metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * params.n)
     return gen
 
 
@@ -119,6 +125,11 @@ async def _events(gen: Generation, request: Request | None = None) -> AsyncItera
                     gen.metrics.ttft.labels(gen.endpoint).observe(time.monotonic() - gen.started)
             choice.completion_tokens = event.completion_tokens
             choice.text.append(event.text)
+            choice.token_ids.extend(event.token_ids)
+            if event.logprobs:
+                choice.logprobs.extend(event.logprobs)
+            if event.prompt_logprobs is not None:
+                choice.prompt_logprobs = event.prompt_logprobs
             if event.finish_reason is not None:
                 choice.finish_reason = event.finish_reason
                 gen.pending.discard(event.request_id)
@@ -134,7 +145,7 @@ async def _events(gen: Generation, request: Request | None = None) -> AsyncItera
 
 
 def usage(gen: Generation) -> dict:
-    prompt = sum(c.prompt_tokens for c in gen.choices.values())
+    prompt = sum(len(c.prompt_ids) for c in gen.choices.values() if c.counts_prompt)
     completion = sum(c.completion_tokens for c in gen.choices.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -151,7 +162,7 @@ async def collect(gen: Generation, request: Request) -> None:
         raise engine_error(str(exc)) from None
 
 
-def stream(gen: Generation, chunk: Callable[[Choice, str | None, str | None], dict], include_usage: bool,
+def stream(gen: Generation, chunk: Callable[[Choice, Any], dict], include_usage: bool,
             head: list[dict]) -> StreamingResponse:
     """Server-sent events: ``head`` chunks, one chunk per piece of text or finish, optionally a usage
     chunk, then ``[DONE]``; an engine failure becomes an error event (then ``[DONE]``)."""
@@ -161,14 +172,15 @@ def stream(gen: Generation, chunk: Callable[[Choice, str | None, str | None], di
             yield _sse(h)
         try:
             async for choice, event in _events(gen):
-                if event.text or event.finish_reason:
-                    yield _sse(chunk(choice, event.text, event.finish_reason))
+                if event.text or event.finish_reason or event.logprobs:
+                    yield _sse(chunk(choice, event))
+                    choice.started = True
         except EngineFailed as exc:
             yield _sse(engine_error(str(exc)).body())
             yield _sse("[DONE]")
             return
         if include_usage:
-            last = chunk(next(iter(gen.choices.values())), None, None)
+            last = chunk(next(iter(gen.choices.values())), None)
             yield _sse({**last, "choices": [], "usage": usage(gen)})
         yield _sse("[DONE]")
 

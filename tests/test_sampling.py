@@ -1,0 +1,74 @@
+"""Sampling in vLLM's shape through the paged engine: log-probabilities (generated and prompt,
+found across vocabulary shards), n completions sharing a prompt, penalties, min_p, stop tokens."""
+
+import pytest
+import torch
+from reference_model import PROMPTS, save_reference_model
+
+from tpserve import LLM, SamplingParams
+from tpserve.engine.sampling import penalise
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_reference_model(tmp_path_factory.mktemp("sampling") / "model")
+
+
+@pytest.fixture(scope="module", params=[1, 3])
+def llm(request, model_dir):
+    with LLM(model_dir, tensor_parallel_size=request.param) as engine:
+        yield engine
+
+
+def test_logprobs_equal_log_softmax_of_the_logits(llm):
+    prompt = PROMPTS[4]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, ignore_eos=True))[0]
+    generated = out.outputs[0].token_ids
+    lsm = torch.log_softmax(llm.logits([prompt + generated])[0], dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry, row = out.prompt_logprobs[i], lsm[i - 1]
+        assert abs(entry[prompt[i]].logprob - float(row[prompt[i]])) < 1e-5
+        assert entry[prompt[i]].rank == int((row > row[prompt[i]]).sum()) + 1
+        top = {t for t, lp in entry.items() if lp.rank <= 2}
+        assert set(row.topk(2).indices.tolist()) <= top | {prompt[i]}
+    assert len(out.outputs[0].logprobs) == 4
+    for j, (tok, entry) in enumerate(zip(generated, out.outputs[0].logprobs)):
+        row = lsm[len(prompt) - 1 + j]
+        assert int(row.argmax()) == tok  # greedy
+        assert abs(entry[tok].logprob - float(row[tok])) < 1e-5 and entry[tok].rank == 1
+        assert set(row.topk(3).indices.tolist()) == set(entry)
+
+
+def test_n_completions_share_the_prompt_and_the_first_is_the_seeded_one(llm):
+    hits = llm.engine.blocks.hits
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    three = llm.generate([PROMPTS[2]], SamplingParams(**{**params.__dict__, "n": 3}))[0]
+    assert [o.index for o in three.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in three.outputs}) == 3
+    assert llm.engine.blocks.hits - hits >= 2 * 32  # the other two reused the prompt's two full blocks
+    one = llm.generate([PROMPTS[2]], params)[0]
+    assert one.outputs[0].token_ids == three.outputs[0].token_ids
+
+
+def test_penalties_min_p_and_stop_tokens(llm):
+    prompt = PROMPTS[0]
+    last = llm.logits([prompt])[0][-1]
+    params = SamplingParams(max_tokens=1, repetition_penalty=1.7, presence_penalty=0.5)
+    want = int(penalise(last, params, prompt, []).argmax())
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == [want]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    only_best = SamplingParams(max_tokens=8, temperature=1.0, min_p=1.0, seed=5, ignore_eos=True)
+    assert llm.generate([prompt], only_best)[0].outputs[0].token_ids == greedy
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[greedy[3]]))[0]
+    assert stopped.outputs[0].token_ids == greedy[:greedy.index(greedy[3])]
+    assert stopped.outputs[0].finish_reason == "stop"
+
+
+def test_bad_sampling_values_are_clear_errors(llm):
+    for kwargs, words in [({"n": 0}, "n must be"), ({"min_p": 2.0}, "min_p"), ({"logprobs": -1}, "logprobs"),
+                          ({"repetition_penalty": 0}, "repetition_penalty"), ({"stop_token_ids": [-3]}, "stop_token_ids")]:
+        with pytest.raises(ValueError, match=words):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="more than 20"):
+        llm.generate([PROMPTS[0]], SamplingParams(logprobs=21))
