@@ -239,3 +239,15 @@ def test_engine_outputs_do_not_depend_on_how_it_schedules(tp_run, reference_mode
         assert results[0]["preempted"] > 0
     for name in SAMPLING:
         assert results[0][name] == REFERENCE["static"]["1"][name], f"{options} {name}"
+
+
+def test_a_request_that_can_never_fit_is_refused_clearly(reference_model):
+    from tpserve import LLM
+
+    block = 2 * 2 * 3 * 8 * 16 * 4  # 2 layers x K,V x 3 KV heads x 8 dims x 16 tokens x fp32
+    with LLM(reference_model, kv_cache_memory=4 * block) as llm:
+        assert llm.kv_cache_blocks == 4
+        with pytest.raises(ValueError, match=r"needs 94 tokens of KV cache, more than the 64 .*kv_cache_memory"):
+            llm.generate([PROMPTS[4]], SamplingParams(max_tokens=24))
+        fits = llm.generate([PROMPTS[0]] * 3, SamplingParams(max_tokens=24, ignore_eos=True))  # 3 x 31 > 64: preempts
+        assert [o.outputs[0].token_ids for o in fits] == [REFERENCE["static"]["1"]["greedy"][0]] * 3

@@ -34,6 +34,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def _memory(text: str) -> int:
+    """Bytes: ``4GiB``, ``512MiB``, ``2G`` (= GB), or a plain number."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 4GiB, 512MiB or 2000000000, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="transformers directory or .gguf file (default: the embedded "
                                                    "SmolLM2-135M-Instruct)")
@@ -42,6 +55,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokenizer", default=None, help="directory to load the tokenizer from (default: the model's; "
                                                      "a model without tokenizer files takes token ids only)")
+    p.add_argument("--kv-cache-memory", type=_memory, default=None,
+                   help="paged KV cache per rank, e.g. 2GiB (default: a quarter of the free memory, split between "
+                        "this host's ranks, at most 4 GiB)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV cache of prompt prefixes seen before")
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -80,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                    "(default: $TPSERVE_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=_positive_int, default=16, help="most requests decoded together")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=_positive_int, default=16,
+                   help="most requests decoded together")
     _add_compile_arg(p)
     p.add_argument("--max-model-len", type=_positive_int, default=2048,
                    help="longest prompt + completion served (each batch row's KV cache is this long; "
@@ -114,7 +133,8 @@ def _generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
-             compile=args.compile, tokenizer=args.tokenizer) as llm:
+             compile=args.compile, tokenizer=args.tokenizer, kv_cache_memory=args.kv_cache_memory,
+             enable_prefix_caching=args.prefix_caching) as llm:
         if args.chat:
             out = llm.chat([{"role": "user", "content": args.prompt}], params, on_text=_print_delta)
         else:
@@ -137,7 +157,8 @@ def _chat(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
-             compile=args.compile, tokenizer=args.tokenizer) as llm:
+             compile=args.compile, tokenizer=args.tokenizer, kv_cache_memory=args.kv_cache_memory,
+             enable_prefix_caching=args.prefix_caching) as llm:
         print("tpserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
             try:

@@ -13,6 +13,7 @@ blocks, which prefill's compute dwarfs.
 from __future__ import annotations
 
 import os
+import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from tpserve.utils.native import load_extension
 
 _ext = None
 _ext_error: str | None = None
+# vector instructions of the CPU it is built on (the build is keyed by the CPU's features)
+NATIVE_FLAGS = ("-march=native",) if platform.machine() in ("x86_64", "AMD64", "aarch64") else ()
 
 
 def kernel_enabled() -> bool:
@@ -35,7 +38,8 @@ def extension():
     global _ext, _ext_error
     if _ext is None and _ext_error is None and kernel_enabled():
         try:
-            _ext = load_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged")
+            _ext = load_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged",
+                                  ("-O3", "-fopenmp", *NATIVE_FLAGS))
         except Exception as exc:  # no compiler: the gathering path still works
             _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             warnings.warn(f"tpserve: the paged decode kernel is unavailable ({_ext_error}); decode attention "

@@ -477,7 +477,9 @@ def serve(args) -> None:
     try:
         engine = ServingEngine(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
                                max_batch=args.max_batch, max_model_len=args.max_model_len,
-                               compile=getattr(args, "compile", False), tokenizer=getattr(args, "tokenizer", None))
+                               compile=getattr(args, "compile", False), tokenizer=getattr(args, "tokenizer", None),
+                               kv_cache_memory=getattr(args, "kv_cache_memory", None),
+                               enable_prefix_caching=getattr(args, "prefix_caching", True))
     except BaseException:
         sock.close()
         raise

@@ -7,18 +7,32 @@ import importlib.util
 from pathlib import Path
 
 
+def cpu_flags() -> bytes:
+    """This CPU's feature flags (Linux), so a build for one CPU is never loaded on another."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith((b"flags", b"Features"))), b"")
+    except OSError:
+        return b""
+
+
 def load_extension(src: Path, prefix: str, extra_cflags: tuple[str, ...] = ("-O3",)):
     """The module built from ``src``, imported directly when this source was built before
     (torch's ``load`` spends ~2 s checking a cached build, in every process), else built now.
-    The name carries a hash of the source and torch's version, so an edit rebuilds."""
+    The name carries a hash of the source, torch's version, the flags and (for ``-march=native``)
+    the CPU's features, so an edit or another CPU rebuilds."""
     import torch
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = f"{prefix}_{hashlib.sha1(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]}"
+    key = src.read_bytes() + torch.__version__.encode() + " ".join(extra_cflags).encode()
+    if "-march=native" in extra_cflags:
+        key += cpu_flags()
+    name = f"{prefix}_{hashlib.sha1(key).hexdigest()[:12]}"
     built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
     if built.is_file():
         spec = importlib.util.spec_from_file_location(name, built)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    return load(name=name, sources=[str(src)], extra_cflags=list(extra_cflags), verbose=False)
+    ldflags = ["-fopenmp"] if "-fopenmp" in extra_cflags else []  # at::parallel_for runs on OpenMP threads
+    return load(name=name, sources=[str(src)], extra_cflags=list(extra_cflags), extra_ldflags=ldflags, verbose=False)

@@ -48,6 +48,7 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         for (int64_t t = lo; t < hi; ++t) {
           const T* krow = kb + t * token_stride;
           float s = 0.f;
+#pragma omp simd reduction(+ : s)
           for (int64_t d = 0; d < dim; ++d) s += qf[d] * static_cast<float>(krow[d]);
           score[t] = s;
           block_max = std::max(block_max, s);
@@ -56,12 +57,15 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         const float new_max = std::max(running_max, block_max);
         const float rescale = std::exp(running_max - new_max);
         total *= rescale;
-        for (int64_t d = 0; d < dim; ++d) acc[d] *= rescale;
+        float* ap = acc.data();
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ap[d] *= rescale;
         for (int64_t t = lo; t < hi; ++t) {
           const float p = std::exp(score[t] - new_max);
           total += p;
           const T* vrow = vb + t * token_stride;
-          for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(vrow[d]);
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) ap[d] += p * static_cast<float>(vrow[d]);
         }
         running_max = new_max;
       }
