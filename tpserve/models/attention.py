@@ -39,7 +39,7 @@ def extension():
     if _ext is None and _ext_error is None and kernel_enabled():
         try:
             _ext = load_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged",
-                                  ("-O3", "-fopenmp", *NATIVE_FLAGS))
+                                  ("-O3", "-fopenmp", "-fno-math-errno", *NATIVE_FLAGS))
         except Exception as exc:  # no compiler: the gathering path still works
             _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             warnings.warn(f"tpserve: the paged decode kernel is unavailable ({_ext_error}); decode attention "

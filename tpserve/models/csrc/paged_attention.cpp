@@ -2,7 +2,8 @@
 //
 // Each decode row's query attends to the keys its block table names, without first copying
 // them into a per-row buffer: rows that share a long prompt's blocks read the same memory.
-// One task per (row, query head); softmax is computed online, block by block, in float32.
+// One task per (row, KV head), for all the query heads that KV head serves, so its keys and values
+// are read once per row; softmax is computed online, block by block, in float32.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -29,48 +30,79 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const int64_t* hp = kv_of_q.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t token_stride = kv_heads * dim, block_stride = block * token_stride;
+  // the query heads each KV head serves: its keys and values are read once for all of them
+  std::vector<std::vector<int64_t>> served(kv_heads);
+  for (int64_t h = 0; h < heads; ++h) served[hp[h]].push_back(h);
 
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(dim), acc(dim), score(block);
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, score, running_max, total, block_max;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / heads, h = task % heads, kvh = hp[h];
+      const int64_t r = task / kv_heads, kvh = task % kv_heads;
+      const std::vector<int64_t>& group = served[kvh];
+      const int64_t g = static_cast<int64_t>(group.size());
+      if (g == 0) continue;
+      qf.assign(g * dim, 0.f);
+      acc.assign(g * dim, 0.f);
+      score.assign(g * block, 0.f);
+      running_max.assign(g, -std::numeric_limits<float>::infinity());
+      total.assign(g, 0.f);
+      block_max.assign(g, 0.f);
+      for (int64_t j = 0; j < g; ++j)
+        for (int64_t d = 0; d < dim; ++d)
+          qf[j * dim + d] = static_cast<float>(qp[(r * heads + group[j]) * dim + d]) * scale;
       const int64_t len = lp[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      for (int64_t d = 0; d < dim; ++d) qf[d] = static_cast<float>(qp[(r * heads + h) * dim + d]) * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float running_max = -std::numeric_limits<float>::infinity(), total = 0.f;
       for (int64_t b = first / block; b * block < len && b < max_blocks; ++b) {
         const int64_t id = tp[r * max_blocks + b];
         const int64_t lo = std::max(first, b * block) - b * block, hi = std::min(len - b * block, block);
+        if (hi <= lo) continue;
         const T* kb = kp + id * block_stride + kvh * dim;
         const T* vb = vp + id * block_stride + kvh * dim;
-        float block_max = -std::numeric_limits<float>::infinity();
+        std::fill(block_max.begin(), block_max.end(), -std::numeric_limits<float>::infinity());
         for (int64_t t = lo; t < hi; ++t) {
           const T* krow = kb + t * token_stride;
-          float s = 0.f;
+          for (int64_t j = 0; j < g; ++j) {
+            const float* qj = qf.data() + j * dim;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < dim; ++d) s += qf[d] * static_cast<float>(krow[d]);
-          score[t] = s;
-          block_max = std::max(block_max, s);
+            for (int64_t d = 0; d < dim; ++d) s += qj[d] * static_cast<float>(krow[d]);
+            score[j * block + t] = s;
+            block_max[j] = std::max(block_max[j], s);
+          }
         }
-        if (hi <= lo) continue;
-        const float new_max = std::max(running_max, block_max);
-        const float rescale = std::exp(running_max - new_max);
-        total *= rescale;
-        float* ap = acc.data();
+        for (int64_t j = 0; j < g; ++j) {
+          const float new_max = std::max(running_max[j], block_max[j]);
+          const float rescale = std::exp(running_max[j] - new_max);
+          total[j] *= rescale;
+          float* aj = acc.data() + j * dim;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) ap[d] *= rescale;
+          for (int64_t d = 0; d < dim; ++d) aj[d] *= rescale;
+          float* sj = score.data() + j * block;
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = lo; t < hi; ++t) {
+            const float p = std::exp(sj[t] - new_max);
+            sj[t] = p;
+            sum += p;
+          }
+          total[j] += sum;
+          running_max[j] = new_max;
+        }
         for (int64_t t = lo; t < hi; ++t) {
-          const float p = std::exp(score[t] - new_max);
-          total += p;
           const T* vrow = vb + t * token_stride;
+          for (int64_t j = 0; j < g; ++j) {
+            const float p = score[j * block + t];
+            float* aj = acc.data() + j * dim;
 #pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) ap[d] += p * static_cast<float>(vrow[d]);
+            for (int64_t d = 0; d < dim; ++d) aj[d] += p * static_cast<float>(vrow[d]);
+          }
         }
-        running_max = new_max;
       }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < dim; ++d) op[(r * heads + h) * dim + d] = static_cast<T>(acc[d] * inv);
+      for (int64_t j = 0; j < g; ++j) {
+        const float inv = total[j] > 0.f ? 1.f / total[j] : 0.f;
+        for (int64_t d = 0; d < dim; ++d)
+          op[(r * heads + group[j]) * dim + d] = static_cast<T>(acc[j * dim + d] * inv);
+      }
     }
   });
 }
