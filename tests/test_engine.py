@@ -211,13 +211,19 @@ def test_killed_worker_raises_quickly_and_leaves_nothing():
 def test_ctrl_c_leaves_no_orphans():
     cmd = [sys.executable, "-m", "tpserve", "generate", "--tp", "2", "--max-tokens", "3000", "--ignore-eos",
            "Count to one thousand:"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     first = proc.stdout.read(1)  # generation has started
     assert first, proc.stderr.read()
     kids = _pids_of_children(proc.pid)
     workers = [k for k in kids if not _gone(k)]
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:  # say where it hangs (faulthandler's dump), and leave nothing running
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"no exit 20 s after Ctrl-C; its threads:\n{err[-6000:]}")
     assert proc.returncode == 130
     deadline = time.monotonic() + 10
     while not all(_gone(k) for k in workers) and time.monotonic() < deadline:

@@ -304,6 +304,7 @@ def test_workers_compute_on_their_own_cores():
 
 PINNED_SCRIPT = '''
 import os
+import sys
 import torch
 import tpserve.engine.llm as engine
 from tpserve import LLM, SamplingParams
@@ -321,13 +322,15 @@ engine.execute = spy
 if __name__ == "__main__":
     with LLM(tensor_parallel_size=2) as llm:
         llm.generate([[1, 504, 3458]], SamplingParams(max_tokens=2))
-    print("RANK", os.environ["LOCAL_RANK"], seen[-1], sorted(os.sched_getaffinity(0)), flush=True)
+    sys.stdout.write(f"RANK {os.environ['LOCAL_RANK']} {seen[-1]} {sorted(os.sched_getaffinity(0))}\\n")
+    sys.stdout.flush()
 '''
 
 
 TWO_HOSTS_SCRIPT = '''
 import json
 import os
+import sys
 import socket
 
 from tpserve import LLM, SamplingParams
@@ -349,7 +352,8 @@ if __name__ == "__main__":
         text = llm.generate(PROMPT, SamplingParams(max_tokens=8))[0].outputs[0].text
         facts = {"host": socket.gethostname(), "local": fast and fast.world, "spans": fast and fast.spans_hosts,
                  "cross": fast is not None and fast.cross is not None, "reduces": reduces[0], "text": text}
-    print("RANK", os.environ["RANK"], json.dumps(facts), flush=True)
+    sys.stdout.write(f"RANK {os.environ['RANK']} {json.dumps(facts)}\\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
 '''
 
 

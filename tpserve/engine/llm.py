@@ -468,8 +468,11 @@ class LLM:
                 for seq, _ in engine.step():
                     if on_text is not None and seq.delta:
                         on_text(row[seq.seq_id], seq.delta)
+        except KeyboardInterrupt:  # mid-loop the ranks' state is unknown: stop everything now
+            self._release()
+            raise
         except BaseException:
-            if self.engine is not None:  # a bad on_text, Ctrl-C: these sequences must not linger
+            if self.engine is not None:  # a bad on_text: these sequences must not linger
                 for seq in seqs:
                     engine.abort(seq)
             raise
