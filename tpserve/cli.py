@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 
@@ -259,6 +260,8 @@ def _verify(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # a parent that ignores SIGINT passes that on through exec (pytest did): Ctrl-C must still stop us
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "selfcheck":
             from tpserve.parallel.selfcheck import run
