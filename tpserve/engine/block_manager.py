@@ -30,7 +30,8 @@ def block_key(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 class BlockManager:
     """``num_blocks`` blocks of ``block_size`` tokens. A sequence here is anything with
-    ``token_ids_all`` (its prompt and generated tokens), ``block_table`` and ``num_computed``."""
+    ``token_ids_all`` and ``tokens(start, end)`` (its prompt and generated tokens), ``num_tokens``,
+    ``block_table`` and ``num_computed``."""
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -114,12 +115,12 @@ class BlockManager:
         """Give keys to ``seq``'s blocks that are now full and computed, so later prompts can reuse them."""
         if not self.prefix_caching:
             return
-        ids, bs = seq.token_ids_all, self.block_size
+        bs = self.block_size
         key = None
-        for i in range(min(seq.num_computed, len(ids)) // bs):
+        for i in range(min(seq.num_computed, seq.num_tokens) // bs):
             block = self.blocks[seq.block_table[i]]
             if block.key is None:
-                piece = ids[i * bs:(i + 1) * bs]
+                piece = seq.tokens(i * bs, (i + 1) * bs)
                 block.key = block_key(key, piece)
                 block.token_ids = piece
                 self.by_key.setdefault(block.key, block.id)

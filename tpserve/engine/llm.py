@@ -52,7 +52,7 @@ from .sequence import Logprob
 from .tokenizer import eos_token_ids, load_tokenizer
 from .worker import execute, worker_main
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # alternatives per token at most, vLLM's default max_logprobs (the server's bound too)
 _kv_reserved: dict[int, int] = {}  # open engines' KV cache bytes (all ranks), which later defaults leave alone
 
 

@@ -60,10 +60,9 @@ def pack(scheduled: list[tuple[Sequence, int]], block_size: int) -> tuple[dict, 
     prompt_rows, prompt_of, top = [], [], 0
     for seq, n in scheduled:
         start = seq.num_computed
-        all_ids = seq.token_ids_all
         for p in range(start, start + n):
             slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
-        ids.extend(all_ids[start:start + n])
+        ids.extend(seq.tokens(start, start + n))
         positions.extend(range(start, start + n))
         decode = n == 1 and start + 1 == seq.num_tokens and not chunks
         if decode:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from tpserve.models import attention
-from tpserve.parallel import all_gather_object, gather_to_rank0, group_rank, group_size
-from tpserve.parallel.layers import vocab_argmax, vocab_logprobs
+from tpserve.parallel import all_gather_object, group_rank
+from tpserve.parallel.layers import vocab_logprobs
 
 BLOCK_SIZE = 16
 DEFAULT_KV_FRACTION = 0.25  # of the memory free when the cache is made, split between the ranks on a host
@@ -104,13 +104,10 @@ def run_step(model: nn.Module, cache: list, batch: dict) -> tuple | None:
     local = model(ids, step, cache, gather=False, compiled=compiled)  # this rank's vocabulary slice
     head, group = model.lm_head, model.group
     rank0 = group_rank(group) == 0
-    picked = local[:len(sample_rows)]
     if not sample_rows:  # every rank knows: the step only carried prompt chunks
         scores = torch.zeros(0, dtype=torch.long if batch["greedy"] else torch.float32)
-    elif batch["greedy"]:
-        scores = vocab_argmax(picked, head.vocab_start, group)
     else:
-        scores = gather_to_rank0(picked, head.vocab_sizes, group) if group_size(group) > 1 else picked
+        scores = head.gather(local[:len(sample_rows)], "argmax" if batch["greedy"] else "rank0")
     prompt = None
     if prompt_rows:
         targets = torch.tensor([t for _, t in prompt_rows], dtype=torch.long, device=device)

@@ -48,6 +48,15 @@ class Sequence:
     def token_ids_all(self) -> list[int]:
         return self.prompt_ids + self.token_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens ``start:end`` of prompt + output, without building the whole list (every step asks)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.token_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.token_ids[:end - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.token_ids)

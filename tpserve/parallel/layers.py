@@ -333,7 +333,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
         logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
-        mode = self.gather_output if gather_output is None else gather_output
+        return self.gather(logits, self.gather_output if gather_output is None else gather_output)
+
+    def gather(self, logits: torch.Tensor, mode: bool | str) -> torch.Tensor | None:
+        """This rank's logits slice turned into what ``mode`` asks for (see the class)."""
         if mode == "argmax":
             return vocab_argmax(logits, self.vocab_start, self.group)
         if not mode or self.tp_size == 1:

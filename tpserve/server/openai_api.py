@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpserve.engine.detokenizer import max_token_chars
+from tpserve.engine.llm import MAX_LOGPROBS
 from tpserve.engine.sampling import SamplingParams, room_left
 
 from .limits import (
@@ -48,7 +49,6 @@ from .streaming import Choice, collect, stream, submit, usage
 
 UNHEALTHY_GRACE_S = 2.0  # after the engine fails, keep answering 503s this long, then exit
 MAX_N = 64
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
