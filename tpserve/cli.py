@@ -52,7 +52,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="transformers directory or .gguf file (default: the embedded "
                                                    "SmolLM2-135M-Instruct)")
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree (processes)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA; on CPU a bfloat16 checkpoint stays "
+                                                   "bfloat16 where the CPU has AVX512-BF16, else float32; "
+                                                   "`tpserve inspect` says which), float32, bfloat16, float16")
+    p.add_argument("--quantization", default=None, choices=["none", "int8"],
+                   help="int8: linear weights in int8 with one scale per output row (the LM head keeps --dtype)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokenizer", default=None, help="directory to load the tokenizer from (default: the model's; "
                                                      "a model without tokenizer files takes token ids only)")
@@ -127,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _auto_dtype(config) -> str:
+    """What ``--dtype auto`` picks for this checkpoint on this machine, and why."""
+    from tpserve.models.loading import checkpoint_dtype, resolve_device, resolve_dtype
+    from tpserve.parallel import matvec
+
+    device = resolve_device(None)
+    picked = str(resolve_dtype("auto", device, config)).removeprefix("torch.")
+    if device.type == "cuda":
+        return f"{picked} (CUDA)"
+    stored = str(checkpoint_dtype(config) or "not recorded").removeprefix("torch.")
+    fast = "has" if matvec.native_bf16() else "has no"
+    return f"{picked} on this CPU (checkpoint stored as {stored}; this CPU {fast} tpserve's AVX512-BF16 kernel)"
+
+
 def _generate(args) -> None:
     from tpserve.engine.llm import LLM
     from tpserve.engine.sampling import SamplingParams
@@ -135,7 +153,7 @@ def _generate(args) -> None:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
              compile=args.compile, tokenizer=args.tokenizer, kv_cache_memory=args.kv_cache_memory,
-             enable_prefix_caching=args.prefix_caching) as llm:
+             enable_prefix_caching=args.prefix_caching, quantization=args.quantization) as llm:
         if args.chat:
             out = llm.chat([{"role": "user", "content": args.prompt}], params, on_text=_print_delta)
         else:
@@ -159,7 +177,7 @@ def _chat(args) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with LLM(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
              compile=args.compile, tokenizer=args.tokenizer, kv_cache_memory=args.kv_cache_memory,
-             enable_prefix_caching=args.prefix_caching) as llm:
+             enable_prefix_caching=args.prefix_caching, quantization=args.quantization) as llm:
         print("tpserve chat — empty line or Ctrl-D to quit", file=sys.stderr)
         while True:
             try:
@@ -202,6 +220,7 @@ def _inspect(args) -> None:
     print(f"architecture:  {', '.join(config.architectures)} ({config.model_type})")
     print(f"parameters:    {total:,} ({total / 1e6:.1f} M)")
     print(f"dtype:         {', '.join(dtypes)}")
+    print(f"dtype auto:    {_auto_dtype(config)}")
     print(f"bytes:         {nbytes:,} ({nbytes / 2**20:.1f} MiB)")
     print(f"layers:        {spec.num_layers}, hidden {spec.hidden_size}, intermediate {spec.intermediate_size}, "
           f"vocab {spec.vocab_size}, context {spec.max_position_embeddings}")

@@ -37,10 +37,12 @@ from tpserve.parallel import (
     CommError,
     TensorParallelConfig,
     broadcast_object,
+    matvec,
     set_group_timeout,
     shm,
 )
 from tpserve.parallel.deadlines import ENGINE_TIMEOUT_S, STARTUP_TIMEOUT_S
+from tpserve.parallel.quantize import check_quantization
 from tpserve.utils.cpus import rank_cores
 
 from . import commands
@@ -89,7 +91,7 @@ class LLM:
                  device: str | None = None, comm_timeout: float | None = None, compile: bool = False,
                  tokenizer: str | os.PathLike | None = None, skip_tokenizer_init: bool = False,
                  max_num_seqs: int = 256, kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
-                 block_size: int = BLOCK_SIZE) -> None:
+                 block_size: int = BLOCK_SIZE, quantization: str | None = None) -> None:
         """``compile``: run each decode step through ``torch.compile`` (gpt-fast style; measured
         2.4x faster batch-1 decode than eager on an AMD EPYC CPU). The first decode of each
         batch class (one row, 2-4 rows, more) compiles, 5-20 s; prefill stays eager.
@@ -99,7 +101,10 @@ class LLM:
         (default: a quarter of the memory free at start, split between a host's ranks, at most
         4 GiB; engines opened later in the process count what earlier ones took);
         ``max_num_seqs``: sequences decoding at once; ``enable_prefix_caching``: reuse the cache
-        blocks of a prompt prefix seen before."""
+        blocks of a prompt prefix seen before. ``dtype="auto"``: bfloat16 on CUDA; on CPU a
+        bfloat16 checkpoint stays bfloat16 where the CPU has AVX512-BF16, else float32.
+        ``quantization="int8"``: int8 weights with one scale per output row (the LM head keeps
+        ``dtype``), about half of bf16's bytes per token."""
         self._workers: list[mp.Process] = []
         self._conns: list = []
         self._closed = False
@@ -112,14 +117,14 @@ class LLM:
         self.engine: LLMEngine | None = None
         try:
             self._start(model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
-                        skip_tokenizer_init)
+                        skip_tokenizer_init, check_quantization(quantization))
             self._start_engine(max_num_seqs, kv_cache_memory, enable_prefix_caching, block_size)
         except BaseException:  # bad input, a failed load, a dead worker, Ctrl-C: give everything back
             self._release()
             raise
 
     def _start(self, model, tensor_parallel_size, dtype, device, comm_timeout, compile, tokenizer,
-               skip_tokenizer_init) -> None:
+               skip_tokenizer_init, quantization) -> None:
         from tpserve.models import load_config, load_model
         from tpserve.models.loading import resolve_device, resolve_dtype
 
@@ -132,7 +137,8 @@ class LLM:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} is larger than the model's {heads} attention "
                              f"heads; use a TP degree between 1 and {heads}")
         self.tp = tensor_parallel_size
-        self.dtype = resolve_dtype(dtype, resolve_device(device))
+        self.dtype = resolve_dtype(dtype, resolve_device(device), config)
+        self.quantization = quantization
         self.skip_tokenizer_init = skip_tokenizer_init
         self.tokenizer = load_tokenizer(self.model_path, tokenizer, skip_tokenizer_init)  # before any process starts
         self.eos_ids = eos_token_ids(self.model_path, config, self.tokenizer)
@@ -158,6 +164,7 @@ class LLM:
             dev = engine_device(device, 0)
             if dev.type == "cpu":
                 attention.extension()  # the paged decode kernel, built here once, before any worker wants it
+                matvec.native_bf16()  # and the bf16/int8 products' kernel
             self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:
                 if dev.type == "cpu" and shm.enabled():
@@ -165,13 +172,14 @@ class LLM:
                 self._cores = [rank_cores(r, self.tp) for r in range(self.tp)]
                 self._threads = len(self._cores[0]) if self._cores[0] else max(1, (os.cpu_count() or 1) // self.tp)
                 self._spawn_workers(self._store.port, str(self.dtype).removeprefix("torch."), device, timeout,
-                                    bool(compile))
+                                    bool(compile), quantization)
                 self._wait_for("started")  # a worker that dies while starting must not leave us in the rendezvous
             self.group = join_engine_group(self._store, 0, self.tp, dev, timeout)
         try:
             with self._compute():
                 self.model = load_model(self.model_path, dtype=self.dtype, device=dev, group=self.group,
-                                        progress=self.rank == 0, decode_layout=dev.type == "cpu", compile=compile)
+                                        progress=self.rank == 0, decode_layout=dev.type == "cpu", compile=compile,
+                                        quantization=quantization)
         except CommError as exc:  # say which worker it was, if one died
             if not self._worker_died():
                 raise
@@ -196,14 +204,15 @@ class LLM:
         self.engine = LLMEngine(self._run, blocks, block_size, max_num_seqs, prefix_caching, self.tokenizer,
                                 self.eos_ids)
 
-    def _spawn_workers(self, port: int, dtype: str, device: str | None, timeout: float, compile: bool) -> None:
+    def _spawn_workers(self, port: int, dtype: str, device: str | None, timeout: float, compile: bool,
+                       quantization: str | None) -> None:
         ctx = mp.get_context("spawn")
         atexit.register(self.close)  # workers must not outlive an interpreter that forgot close()
         for rank in range(1, self.tp):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"tpserve-worker-{rank}", daemon=True,
                                args=(rank, self.tp, port, str(self.model_path), dtype, device, child,
-                                     timeout, self._cores[rank], compile))
+                                     timeout, self._cores[rank], compile, quantization))
             self._workers.append(proc)
             self._conns.append(parent)
             proc.start()

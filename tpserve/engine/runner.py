@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tpserve.models import attention
-from tpserve.parallel import all_gather_object, group_rank
+from tpserve.parallel import all_gather_object, group_rank, matvec
 from tpserve.parallel.layers import vocab_logprobs
 
 BLOCK_SIZE = 16
@@ -26,7 +26,7 @@ DEFAULT_KV_CAP = 4 << 30  # per rank
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    w = model.model.layers[0].self_attn.q_proj.weight
+    w = model.model.embed_tokens.weight  # the compute dtype (linear weights may be int8)
     return w.device, w.dtype
 
 
@@ -70,6 +70,7 @@ def init_cache(model: nn.Module, memory: int | None, block_size: int, ranks_here
                          f"block on this rank); give more memory (--kv-cache-memory)")
     if device.type == "cpu":
         attention.extension()  # built (or loaded) now, not inside a step
+        matvec.native_bf16()  # asked now, so a compiled step reads the answer as a constant
     cache = []
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -51,13 +51,14 @@ class ServingEngine:
                  max_batch: int = 16, max_model_len: int = 2048,
                  on_fatal: Callable[[str], None] | None = None, compile: bool = False,
                  tokenizer: str | None = None, skip_tokenizer_init: bool = False,
-                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True) -> None:
+                 kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
+                 quantization: str | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
                        compile=compile, tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init,
                        max_num_seqs=max_batch, kv_cache_memory=kv_cache_memory,
-                       enable_prefix_caching=enable_prefix_caching)
+                       enable_prefix_caching=enable_prefix_caching, quantization=quantization)
         self.engine: LLMEngine = self.llm.engine
         self.tokenizer = self.llm.tokenizer
         self.model_name = self.llm.model_path.name

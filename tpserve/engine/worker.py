@@ -65,7 +65,8 @@ def _die_with_parent() -> None:
 
 
 def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, device: str | None,
-                conn, comm_timeout: float, cores: list[int] | None, compile_decode: bool = False) -> None:
+                conn, comm_timeout: float, cores: list[int] | None, compile_decode: bool = False,
+                quantization: str | None = None) -> None:
     """``cores``: the cores this rank computes on (its threads: one per core); None: not pinned."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
@@ -84,7 +85,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         conn.send(("started", None))  # the driver waits for every worker to get here before its rendezvous
         group = join_engine_group(store, rank, world, dev, comm_timeout)
         model = load_model(model_path, dtype=dtype, device=dev, group=group, progress=False,
-                           decode_layout=dev.type == "cpu", compile=compile_decode)
+                           decode_layout=dev.type == "cpu", compile=compile_decode, quantization=quantization)
         conn.send(("ready", None))
         state: dict = {}
         while True:

@@ -13,7 +13,6 @@ blocks, which prefill's compute dwarfs.
 from __future__ import annotations
 
 import os
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tpserve.utils.native import load_extension
+from tpserve.utils.native import NATIVE_FLAGS, load_extension
 
 _ext = None
 _ext_error: str | None = None
-# vector instructions of the CPU it is built on (the build is keyed by the CPU's features)
-NATIVE_FLAGS = ("-march=native",) if platform.machine() in ("x86_64", "AMD64", "aarch64") else ()
 
 
 def kernel_enabled() -> bool:

@@ -9,9 +9,10 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
-from tpserve.parallel import get_group, group_rank
+from tpserve.parallel import get_group, group_rank, matvec
 from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
+from tpserve.parallel.quantize import check_quantization, quantize_int8
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
@@ -27,10 +28,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" (or None): float32 on CPU, bfloat16 on CUDA."""
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype config.json says the weights are stored in (``dtype`` or ``torch_dtype``), if any."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return MODEL_DTYPE_NAMES.get(str(value).removeprefix("torch.")) if value else None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config=None) -> torch.dtype:
+    """"auto" (or None): bfloat16 on CUDA; on CPU the checkpoint's own dtype (``config``) where
+    this CPU computes it at full speed, which for bfloat16 means AVX512-BF16 and tpserve's decode
+    kernel (``parallel.matvec``), else float32. So a bf16 checkpoint is not doubled in memory
+    where bf16 is fast, and is never made slower than fp32 where it is not."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        stored = checkpoint_dtype(config) if config is not None else None
+        return torch.bfloat16 if stored == torch.bfloat16 and matvec.native_bf16() else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in MODEL_DTYPE_NAMES:
@@ -138,7 +153,7 @@ def use_decode_layout(model: nn.Module) -> None:
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None,
                group: dist.ProcessGroup | None = None, progress: bool = True, decode_layout: bool = False,
-               compile: bool = False) -> nn.Module:
+               compile: bool = False, quantization: str | None = None) -> nn.Module:
     """This rank's shard of the model at ``path``, ready for inference.
 
     Call inside an initialised process group (torchrun + ``tpserve.parallel.init_distributed()``);
@@ -146,23 +161,28 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     allocates more than its own shard. ``decode_layout`` stores weights for fast CPU decode
     (see :func:`use_decode_layout`); the engine turns it on for CPU. ``compile`` readies the
     compiled decode step (``compile_decode``) instead, whose reductions want the usual layout,
-    so it overrides ``decode_layout``.
+    so it overrides ``decode_layout``. ``quantization="int8"``: every linear layer but the LM head
+    is stored as int8 with one scale per output row (``parallel.quantize``), after loading.
     """
     group = get_group(group)
     path = Path(path)
     config = load_config(path)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device, config)
+    quantization = check_quantization(quantization)
     cls = model_class(config)
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)
     _materialize(model, device)
-    if decode_layout and not compile:
-        use_decode_layout(model)
+    if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.native_bf16()):
+        use_decode_layout(model)  # (bf16's own kernel reads the usual layout)
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
+    if quantization == "int8":
+        quantize_int8(model)
     model.eval().requires_grad_(False)
     model.source_path = path
+    model.quantization = quantization
     if compile:
         model.compile_decode()
     return model

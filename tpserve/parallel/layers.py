@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
+from . import comm, matvec
 from .partition import partition_range, partition_sizes
 from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
 
@@ -55,14 +55,25 @@ def load_shard(param: torch.Tensor, full, dim: int | None, start: int = 0, end: 
 REDUCE_ROWS = 4  # up to this many rows a compiled reduction beat MKL's sgemm (measured at 1, 2, 4, 8)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows (a decode step).
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, by the fastest path for the weight's dtype and the number of rows.
 
-    There the product is written as multiply-and-sum, which inductor turns into one reduction
-    kernel that streams the weight at memory speed: 22-27 GB/s against 11-16 GB/s for MKL's
-    matrix-vector product on these AMD CPUs (``benchmarks/generate.py`` shows the effect).
-    Eager callers (and prefill) keep the BLAS matmul, which is the right tool for many rows.
+    - An int8 weight (``scale``: one per output row) and, on CPUs with AVX512-BF16, a bf16
+      weight at a few rows (a decode step) go through ``matvec``'s kernels, which stream the
+      weight at memory speed where torch's products reach about half of it.
+    - Otherwise, inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows is written as
+      multiply-and-sum, which inductor turns into one reduction kernel that streams the weight
+      at memory speed: 22-27 GB/s against 11-16 GB/s for MKL's matrix-vector product on AMD
+      CPUs (``benchmarks/generate.py`` shows the effect).
+    - Everything else (prefill, CUDA) keeps the BLAS matmul, the right tool for many rows.
     """
+    if scale is not None:
+        return matvec.int8_linear(x, weight, scale, bias)
+    if weight.dtype is torch.bfloat16:
+        y = matvec.bf16_linear(x, weight, bias)
+        if y is not None:
+            return y
     if torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) <= REDUCE_ROWS:
         y = (x.unsqueeze(-2) * weight).sum(-1)
         return y if bias is None else y + bias
@@ -140,6 +151,7 @@ class ColumnParallelLinear(_TPModule):
         local = self.out_end - self.out_start
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("weight_scale", None)  # int8 weights' per-row scales (parallel.quantize)
         for p in self.parameters():
             p.weight_loader = self.weight_loader
         if init:
@@ -149,7 +161,7 @@ class ColumnParallelLinear(_TPModule):
         return 0, self.out_start, self.out_end, self.out_features
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
-        y = linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        y = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, self.weight_scale)
         if self.gather_output if gather_output is None else gather_output:
             y = gather_from_tp_region(y, self.out_sizes, -1, self.group)
         return y
@@ -178,6 +190,7 @@ class RowParallelLinear(_TPModule):
         self.in_start, self.in_end = partition_range(in_features, self.tp_size, self.tp_rank, unit, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_end - self.in_start, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("weight_scale", None)  # int8 weights' per-row scales (parallel.quantize)
         for p in self.parameters():
             p.weight_loader = self.weight_loader
         if init:
@@ -196,7 +209,7 @@ class RowParallelLinear(_TPModule):
                 f"RowParallelLinear on rank {self.tp_rank} expects this rank's {self.weight.shape[1]} input features, "
                 f"got {x.shape[-1]}; pass input_is_parallel=False to give it the full input"
             )
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, None, self.weight_scale)
         if self.reduce_output and self.tp_size > 1:
             if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
                 y = reduce_from_tp_region(y, self.group)

@@ -479,7 +479,8 @@ def serve(args) -> None:
                                max_batch=args.max_batch, max_model_len=args.max_model_len,
                                compile=getattr(args, "compile", False), tokenizer=getattr(args, "tokenizer", None),
                                kv_cache_memory=getattr(args, "kv_cache_memory", None),
-                               enable_prefix_caching=getattr(args, "prefix_caching", True))
+                               enable_prefix_caching=getattr(args, "prefix_caching", True),
+                               quantization=getattr(args, "quantization", None))
     except BaseException:
         sock.close()
         raise

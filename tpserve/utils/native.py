@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import platform
 from pathlib import Path
+
+# build for the vector instructions of this CPU (each build is keyed by the CPU's features)
+NATIVE_FLAGS = ("-march=native",) if platform.machine() in ("x86_64", "AMD64", "aarch64") else ()
 
 
 def cpu_flags() -> bytes:

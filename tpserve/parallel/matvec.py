@@ -1,0 +1,144 @@
+"""Linear products for decode on CPU with bf16 or int8 weights, and int8 quantization.
+
+A decoded token reads every weight once, so batch-1 decode runs at the speed weights stream
+from memory. Stock torch streams bf16 and int8 weights at a few rows much slower than fp32
+(``benchmarks/matvec.py``); ``csrc/matvec.cpp`` streams them at close to the memory bandwidth.
+It is used for up to ``BF16_KERNEL_ROWS`` / ``INT8_KERNEL_ROWS`` rows on CPUs with AVX512-BF16 (bf16) and on every CPU for
+int8; elsewhere, and for prefill, the stock products run: ``F.linear`` for bf16, and for int8
+``_weight_int8pack_mm`` or a dequantized ``F.linear``. ``TPSERVE_MATVEC_KERNEL=0`` turns the
+kernel off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tpserve.utils.native import NATIVE_FLAGS, load_extension
+
+# up to these many rows the kernel beat torch's products (benchmarks/matvec.py, Xeon with AMX):
+BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.9; at 16 oneDNN's AMX wins
+INT8_KERNEL_ROWS = 16  # beyond, one dequantized copy and oneDNN
+INT8_MAX = 127  # symmetric: -127..127, so a row's scale is its largest |w| / 127
+
+_ext = None
+_ext_error: str | None = None
+
+
+def kernel_enabled() -> bool:
+    return os.environ.get("TPSERVE_MATVEC_KERNEL", "1") != "0"
+
+
+def extension():
+    """The kernels' module, built once per machine; None (one warning) when it cannot be built."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None and kernel_enabled():
+        try:
+            _ext = load_extension(Path(__file__).with_name("csrc") / "matvec.cpp", "tpserve_matvec",
+                                  ("-O3", "-fopenmp", *NATIVE_FLAGS))
+        except Exception as exc:  # no compiler: the stock products still work
+            _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            warnings.warn(f"tpserve: the bf16/int8 decode kernel is unavailable ({_ext_error}); stock torch "
+                          f"products run instead, slower at a few rows. Install g++ for it", stacklevel=2)
+    return _ext if kernel_enabled() else None
+
+
+_found: dict[str, bool] = {}  # asked once, eagerly (the engine asks at load), so compiled code reads a constant
+
+
+def available() -> bool:
+    """Whether the kernels are built and enabled."""
+    if "kernel" not in _found:
+        _found["kernel"] = extension() is not None
+    return _found["kernel"]
+
+
+def native_bf16() -> bool:
+    """Whether bf16 products at a few rows run through the kernel's AVX512-BF16 dot products."""
+    if "bf16" not in _found:
+        _found["bf16"] = available() and bool(extension().native_bf16())
+    return _found["bf16"]
+
+
+@torch.library.custom_op("tpserve::bf16_linear", mutates_args=())
+def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ext.bf16_linear(x, weight, bias)
+
+
+@_bf16_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("tpserve::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    return _ext.int8_linear(x, weight, scale, bias)
+
+
+@_int8_linear_op.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The kernel's product when it applies (CPU, bf16, AVX512-BF16, few rows, no autograd),
+    else None: the caller runs the stock one. Eager calls skip the custom op's dispatch
+    (~10 us, a tenth of a small layer's product); compiled code needs the op."""
+    if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or not native_bf16()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    k = x.shape[-1]
+    if not 0 < x.numel() <= BF16_KERNEL_ROWS * k or not weight.is_contiguous():
+        return None
+    if torch.compiler.is_compiling():
+        return _out(_bf16_linear_op(_rows(x), weight, bias), x)
+    return _out(_ext.bf16_linear(_rows(x), weight, bias), x)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (weight * scale[:, None])^T + bias`` for an int8 ``weight`` with one scale per row."""
+    k = x.shape[-1]
+    few = 0 < x.numel() <= INT8_KERNEL_ROWS * k
+    if x.device.type == "cpu" and few and available():
+        op = _int8_linear_op if torch.compiler.is_compiling() else _ext.int8_linear
+        return _out(op(_rows(x), weight, scale, bias), x)
+    if x.device.type == "cpu" and few and x.dtype in (torch.float32, torch.bfloat16):
+        y = _out(torch.ops.aten._weight_int8pack_mm(_rows(x), weight, scale.to(x.dtype)), x)
+        return y if bias is None else y + bias
+    # many rows (prefill) or another device: one dequantized copy, then the dense product
+    return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+def row_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's largest |w| in float32 (the caller combines the pieces of a split row)."""
+    return weight.detach().abs().amax(dim=1).float()
+
+
+def quantize_rows(weight: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: ``(q, scale)`` with ``weight ~= q * scale[:, None]``.
+
+    ``absmax`` is each whole row's largest |w|: a rank holding only some of a row's columns
+    (a row-parallel layer) must pass the maximum over every rank, so the quantized weights are
+    the same at every TP degree and reshard cleanly."""
+    amax = row_absmax(weight) if absmax is None else absmax.float()
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX)
+    q = q.to(torch.int8, memory_format=torch.contiguous_format)  # the kernel reads rows
+    return q, scale
