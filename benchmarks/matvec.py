@@ -74,11 +74,11 @@ def main() -> None:
             yield "bf16 oneDNN prepacked (_linear_pointwise)", 2, lambda: [
                 torch.ops.mkldnn._linear_pointwise(x16, p, None, "none", [], "") for p in packed]
         if ext is not None:
-            yield "bf16 tpserve kernel", 2, lambda: [ext.bf16_linear(x16, w, None) for w in w16]
+            yield "bf16 tpserve kernel", 2, lambda: [ext.bf16_linear(x16, w, None, False) for w in w16]
         yield "int8 _weight_int8pack_mm, bf16 x", 1, lambda: [
             torch.ops.aten._weight_int8pack_mm(x16, q, s.bfloat16()) for q, s in q8]
         if ext is not None:
-            yield "int8 tpserve kernel, bf16 x", 1, lambda: [ext.int8_linear(x16, q, s, None) for q, s in q8]
+            yield "int8 tpserve kernel, bf16 x", 1, lambda: [ext.int8_linear(x16, q, s, None, False) for q, s in q8]
         if args.compile:
             fn = torch.compile(lambda x, w: (x.unsqueeze(-2) * w).sum(-1, dtype=torch.float32), dynamic=False)
             yield "bf16 compiled multiply-and-sum (fp32 acc)", 2, lambda: [fn(x16, w) for w in w16]

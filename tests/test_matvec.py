@@ -112,3 +112,18 @@ def test_kernels_inside_torch_compile():
         eager = f(x)
         compiled = torch.compile(f, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_partial_sums_come_back_in_float32():
+    """A row-parallel rank's partial product stays float32 until the all-reduce has summed it."""
+    x, w = torch.randn(2, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    q, scale = matvec.quantize_rows(torch.randn(16, 64))
+    with torch.inference_mode():
+        full = layers.linear(x, w, float_out=True)
+        int8 = layers.linear(x, q, None, scale, float_out=True)
+    if matvec.native_bf16():
+        assert full.dtype == torch.float32
+        torch.testing.assert_close(full, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
+    if matvec.available():
+        assert int8.dtype == torch.float32
+    torch.testing.assert_close(int8.float(), F.linear(x.float(), q.float() * scale[:, None]), rtol=1e-2, atol=1e-2)

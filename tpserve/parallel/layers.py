@@ -56,7 +56,7 @@ REDUCE_ROWS = 4  # up to this many rows a compiled reduction beat MKL's sgemm (m
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
     """``F.linear``, by the fastest path for the weight's dtype and the number of rows.
 
     - An int8 weight (``scale``: one per output row) and, on CPUs with AVX512-BF16, a bf16
@@ -67,11 +67,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       at memory speed: 22-27 GB/s against 11-16 GB/s for MKL's matrix-vector product on AMD
       CPUs (``benchmarks/generate.py`` shows the effect).
     - Everything else (prefill, CUDA) keeps the BLAS matmul, the right tool for many rows.
+
+    ``float_out``: the kernels give float32 results, unrounded: for a partial sum that an
+    all-reduce adds up (rounded once after it, as TP = 1 rounds once), and for logits (bf16's
+    coarse grid, 1/16 at 10, makes ties that float32 logits do not have).
     """
     if scale is not None:
-        return matvec.int8_linear(x, weight, scale, bias)
+        return matvec.int8_linear(x, weight, scale, bias, float_out)
     if weight.dtype is torch.bfloat16:
-        y = matvec.bf16_linear(x, weight, bias)
+        y = matvec.bf16_linear(x, weight, bias, float_out)
         if y is not None:
             return y
     if torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) <= REDUCE_ROWS:
@@ -209,12 +213,14 @@ class RowParallelLinear(_TPModule):
                 f"RowParallelLinear on rank {self.tp_rank} expects this rank's {self.weight.shape[1]} input features, "
                 f"got {x.shape[-1]}; pass input_is_parallel=False to give it the full input"
             )
-        y = linear(x, self.weight, None, self.weight_scale)
-        if self.reduce_output and self.tp_size > 1:
+        reduce = self.reduce_output and self.tp_size > 1
+        y = linear(x, self.weight, None, self.weight_scale, float_out=reduce)
+        if reduce:
             if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
                 y = reduce_from_tp_region(y, self.group)
             else:  # inference: reduce the fresh matmul output in place, no copy
                 comm.all_reduce_sum(y, self.group)
+            y = y.to(x.dtype)  # a float32 partial sum is rounded once, after the sum
         return y + self.bias if self.bias is not None else y
 
     _dense_args = ColumnParallelLinear._dense_args
@@ -345,7 +351,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
-        logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias)
+        logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, float_out=True).float()
         return self.gather(logits, self.gather_output if gather_output is None else gather_output)
 
     def gather(self, logits: torch.Tensor, mode: bool | str) -> torch.Tensor | None:

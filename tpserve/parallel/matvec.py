@@ -65,24 +65,25 @@ def native_bf16() -> bool:
 
 
 @torch.library.custom_op("tpserve::bf16_linear", mutates_args=())
-def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _ext.bf16_linear(x, weight, bias)
+def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    float_out: bool) -> torch.Tensor:
+    return _ext.bf16_linear(x, weight, bias, float_out)
 
 
 @_bf16_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, float_out):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 @torch.library.custom_op("tpserve::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    return _ext.int8_linear(x, weight, scale, bias)
+                    bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
+    return _ext.int8_linear(x, weight, scale, bias, float_out)
 
 
 @_int8_linear_op.register_fake
-def _(x, weight, scale, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, scale, bias, float_out):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +97,12 @@ def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                float_out: bool = False) -> torch.Tensor | None:
     """The kernel's product when it applies (CPU, bf16, AVX512-BF16, few rows, no autograd),
-    else None: the caller runs the stock one. Eager calls skip the custom op's dispatch
-    (~10 us, a tenth of a small layer's product); compiled code needs the op."""
+    else None: the caller runs the stock one. ``float_out``: float32 results (a row-parallel
+    rank's partial sums, so the all-reduce rounds once, as TP=1 does). Eager calls skip the
+    custom op's dispatch (~10 us, a tenth of a small layer's product); compiled code needs it."""
     if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or not native_bf16()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
@@ -107,18 +110,19 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not 0 < x.numel() <= BF16_KERNEL_ROWS * k or not weight.is_contiguous():
         return None
     if torch.compiler.is_compiling():
-        return _out(_bf16_linear_op(_rows(x), weight, bias), x)
-    return _out(_ext.bf16_linear(_rows(x), weight, bias), x)
+        return _out(_bf16_linear_op(_rows(x), weight, bias, float_out), x)
+    return _out(_ext.bf16_linear(_rows(x), weight, bias, float_out), x)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (weight * scale[:, None])^T + bias`` for an int8 ``weight`` with one scale per row."""
+                bias: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
+    """``x (weight * scale[:, None])^T + bias`` for an int8 ``weight`` with one scale per row
+    (``float_out``: in float32 where the kernel runs, else in x's dtype)."""
     k = x.shape[-1]
     few = 0 < x.numel() <= INT8_KERNEL_ROWS * k
     if x.device.type == "cpu" and few and available():
         op = _int8_linear_op if torch.compiler.is_compiling() else _ext.int8_linear
-        return _out(op(_rows(x), weight, scale, bias), x)
+        return _out(op(_rows(x), weight, scale, bias, float_out), x)
     if x.device.type == "cpu" and few and x.dtype in (torch.float32, torch.bfloat16):
         y = _out(torch.ops.aten._weight_int8pack_mm(_rows(x), weight, scale.to(x.dtype)), x)
         return y if bias is None else y + bias

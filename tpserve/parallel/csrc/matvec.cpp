@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -185,29 +186,36 @@ void check(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Ten
 
 }  // namespace
 
-// x [M, K] bf16, w [N, K] bf16, bias [N] (any float dtype) -> [M, N] bf16
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// x [M, K] bf16, w [N, K] bf16, bias [N] (any float dtype) -> [M, N] bf16, or float32 with
+// `float_out` (a row-parallel rank's partial sums, rounded once after the all-reduce)
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool float_out) {
   check(x, w, bias, "bf16_linear");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_linear: bf16 x and weight");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
-  auto out = at::empty({M, N}, x.options());
+  auto out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  auto store = [&](int64_t m, int64_t n, float v) { op[m * N + n] = at::BFloat16(bp ? v + bp[n] : v); };
-  over_rows(N, [&](int64_t n0, int64_t n1) {
-    sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
-      bf16_tile<decltype(A)::value, decltype(R)::value>(xp, ldx, wp, K, m, n, store);
+  auto run = [&](auto* op) {
+    auto store = [&](int64_t m, int64_t n, float v) {
+      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
+    };
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
+        bf16_tile<decltype(A)::value, decltype(R)::value>(xp, ldx, wp, K, m, n, store);
+      });
     });
-  });
+  };
+  if (float_out) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
   return out;
 }
 
-// x [M, K] float/bf16/half, w [N, K] int8, scale [N] float, bias [N] -> [M, N] in x's dtype
+// x [M, K] float/bf16/half, w [N, K] int8, scale [N] float, bias [N] -> [M, N] in x's dtype (or float)
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, bool float_out) {
   check(x, w, bias, "int8_linear");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_linear: the weight must be int8");
   TORCH_CHECK(scale.numel() == w.size(0), "int8_linear: one scale per output row");
@@ -227,7 +235,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       int8_tile<decltype(A)::value, decltype(R)::value>(xp, K, wp, K, m, n, store);
     });
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return float_out || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 bool native_bf16() {

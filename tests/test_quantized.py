@@ -1,0 +1,114 @@
+"""Fewer bytes per token: bf16 and int8 on the default model keep its quality, give the same
+greedy tokens at every TP degree, and int8 weights are the same at every TP degree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpserve import LLM, SamplingParams
+from tpserve.parallel import matvec
+
+PARAGRAPH = (
+    "The history of the city begins with a small settlement on the banks of the river. Over the centuries, "
+    "merchants built warehouses along the water, and the town grew into a busy port. In the nineteenth century "
+    "the railway arrived, bringing factories, new neighbourhoods and thousands of workers from the countryside. "
+    "Today the old docks have become parks and museums, and visitors walk along the river to see the bridges."
+)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+
+
+def _nll(llm: LLM, ids: list[int]) -> float:
+    logits = llm.logits([ids])[0].float()
+    return F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+
+
+@pytest.fixture(scope="module")
+def paragraph_ids() -> list[int]:
+    with LLM(dtype="float32") as llm:
+        ids = llm.tokenizer.encode(PARAGRAPH)
+        return ids, _nll(llm, ids)
+
+
+@pytest.mark.parametrize("dtype,quantization,bound", [("bfloat16", None, 0.01), ("bfloat16", "int8", 0.03),
+                                                      ("float32", "int8", 0.03)])
+def test_next_token_nll_stays_close_to_fp32(paragraph_ids, dtype, quantization, bound):
+    ids, reference = paragraph_ids
+    with LLM(dtype=dtype, quantization=quantization) as llm:
+        got = _nll(llm, ids)
+    assert abs(got - reference) / reference <= bound, (dtype, quantization, got, reference)
+
+
+def _greedy(tp: int, dtype: str, quantization: str | None) -> list[list[int]]:
+    with LLM(tensor_parallel_size=tp, dtype=dtype, quantization=quantization) as llm:
+        out = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
+        return [o.prompt_token_ids for o in out], [o.outputs[0].token_ids for o in out]
+
+
+NEAR_TIE = 0.3  # logits: bf16's rounding noise after 30 layers is ~0.1 (measured against fp32)
+
+
+def _decided(prompts: list[list[int]], tokens: list[list[int]]) -> list[int]:
+    """For each sequence, how many of its greedy tokens the fp32 model picks by more than
+    ``NEAR_TIE`` over the runner-up: past a near-tie, bf16's rounding (which differs with the
+    TP degree's summation order) may rightly pick either, and the sequences part ways."""
+    with LLM(dtype="float32") as llm:
+        counts = []
+        for prompt, out in zip(prompts, tokens):
+            logits = llm.logits([prompt + out])[0].float()[len(prompt) - 1:-1]
+            top = logits.topk(2, dim=-1).values
+            close = ((top[:, 0] - top[:, 1]) < NEAR_TIE).nonzero()
+            counts.append(int(close[0]) if len(close) else len(out))
+        return counts
+
+
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("bfloat16", "int8"), ("float32", "int8")])
+def test_greedy_tokens_equal_across_tp_degrees(dtype, quantization):
+    prompts, one = _greedy(1, dtype, quantization)
+    decided = _decided(prompts, one)
+    assert sum(decided) >= 12, decided  # the comparison is not empty
+    for tp in (2, 3, 4):
+        _, other = _greedy(tp, dtype, quantization)
+        for a, b, n in zip(one, other, decided):
+            assert a[:n] == b[:n], f"TP={tp} {dtype} {quantization}: {a} != {b} within the first {n}"
+
+
+def test_int8_model_layers_and_errors(tmp_path):
+    with LLM(quantization="int8") as llm:
+        layer = llm.model.model.layers[0]
+        for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+            assert mod.weight.dtype == torch.int8 and mod.weight_scale.shape == (mod.weight.shape[0],)
+        assert llm.model.lm_head.weight.dtype == torch.float32  # the head keeps the model's dtype
+        with pytest.raises(Exception, match="quantized"):
+            llm.save_sharded(tmp_path / "ckpt")
+        assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ValueError, match="quantization='int4' is not supported"):
+        LLM(quantization="int4")
+
+
+def test_row_parallel_int8_is_the_same_at_every_tp_degree():
+    """A row-parallel layer's ranks agree on each whole row's maximum, so rank r's int8 columns
+    are exactly the TP=1 weight's columns."""
+    with LLM(quantization="int8") as llm:
+        full = llm.model.model.layers[0].mlp.down_proj
+        whole_q, whole_scale = full.weight.clone(), full.weight_scale.clone()
+    with LLM(tensor_parallel_size=2, quantization="int8") as llm:
+        part = llm.model.model.layers[0].mlp.down_proj  # rank 0's piece
+        assert torch.equal(part.weight_scale, whole_scale)
+        assert torch.equal(part.weight, whole_q[:, part.in_start:part.in_end])
+
+
+def test_auto_keeps_a_bf16_checkpoint_bf16_where_the_cpu_is_fast(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "fp32")
+    with LLM(model=tmp_path / "bf16") as llm:
+        assert llm.dtype == (torch.bfloat16 if matvec.native_bf16() else torch.float32)
+        assert llm.model.model.embed_tokens.weight.dtype == llm.dtype
+    with LLM(model=tmp_path / "fp32") as llm:
+        assert llm.dtype == torch.float32
