@@ -96,13 +96,24 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def engine_dtype(dtype: str) -> tuple[str, str | None]:
+    """(LLM dtype, quantization) of a --dtype choice: int8 computes in bf16 where the CPU has
+    tpserve's AVX512-BF16 kernel, else in fp32."""
+    if dtype != "int8":
+        return dtype, None
+    from tpserve.parallel import matvec
+
+    return ("bfloat16" if matvec.native_bf16() else "float32"), "int8"
+
+
 def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,
                   dtype: str) -> tuple[float, float, float, float]:
     """(prefill tok/s, decode tok/s, 16-row decode tok/s, seconds of the first generate call,
     which includes compiling)."""
     from tpserve import LLM, SamplingParams
 
-    with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=dtype) as llm:
+    compute, quantization = engine_dtype(dtype)
+    with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=compute, quantization=quantization) as llm:
         one = SamplingParams(max_tokens=1, ignore_eos=True)
         many = SamplingParams(max_tokens=new + 1, ignore_eos=True)
         t = time.perf_counter()
@@ -186,17 +197,23 @@ def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
     print(f"wrote {path}")
 
 
-def bytes_per_token(path, dtype: torch.dtype) -> int:
-    """Weight bytes one decoded token reads, in ``dtype``: all of them, but only one row of an
-    untied input embedding (a tied one is read whole as the LM head)."""
+def bytes_per_token(path, dtype: str) -> int:
+    """Weight bytes one decoded token reads in ``dtype`` (a --dtype choice): all of them, but
+    only one row of an untied input embedding (a tied one is read whole as the LM head). int8
+    reads one byte per linear weight (and a scale per row), the embedding and head in its
+    compute dtype."""
     from tpserve.checkpoint.safetensors_io import open_checkpoint
 
     refs = open_checkpoint(path)
-    total = sum(math.prod(r.shape) for r in refs.values())
-    embed = refs.get("model.embed_tokens.weight")
-    if embed is not None and "lm_head.weight" in refs:
-        total -= math.prod(embed.shape) - embed.shape[1]
-    return total * dtype.itemsize
+    compute = getattr(torch, engine_dtype(dtype)[0]).itemsize
+    total = 0
+    for name, r in refs.items():
+        n = math.prod(r.shape)
+        if name == "model.embed_tokens.weight" and "lm_head.weight" in refs:
+            n = r.shape[1]
+        linear = dtype == "int8" and name.endswith("proj.weight")
+        total += n + 4 * r.shape[0] if linear else n * compute
+    return total
 
 
 def main() -> None:
@@ -208,7 +225,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="run every tpserve configuration this often, interleaved")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "int8"],
+                        help="each runs at every TP degree (int8: int8 weights, bf16 or fp32 compute)")
     parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
                         help="TP degrees to run again with compile=True (torch.compile'd decode step)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -227,74 +245,81 @@ def main() -> None:
         args.model = str(make_checkpoint(args.dir, MODEL_281M, "llama-281m-fp32-v1"))
     shm.extension()  # built once here, not timed inside a first call
     path = resolve_model_path(args.model)
-    dtype = getattr(torch, args.dtype)
-    per_token = bytes_per_token(path, dtype)
+    per_token = {d: bytes_per_token(path, d) for d in args.dtype}
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
     threads = torch.get_num_threads()
     rows = []
-    if not args.no_transformers:
+    first = args.dtype[0]
+    if not args.no_transformers and first != "int8":
         (prefill, decode), bw = _with_bandwidth(
-            lambda: bench_transformers(path, prompt, args.new, args.reps, dtype), per_token)
-        rows.append(("transformers generate", 1, [(prefill, decode, None, None, bw)]))
-    configs = [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]
+            lambda: bench_transformers(path, prompt, args.new, args.reps, getattr(torch, first)), per_token[first])
+        rows.append(("transformers generate", first, 1, [(prefill, decode, None, None, bw)]))
+    configs = [(d, tp, c) for d in args.dtype for c in (False, True) for tp in (args.compile_tp if c else args.tp)]
     runs: dict = {c: [] for c in configs}
     vllm_runs: dict[int, list] = {tp: [] for tp in args.vllm_tp}
     skipped: dict[int, str] = {}
     for _ in range(args.rounds):
-        for tp, compiled in configs:
+        for dtype, tp, compiled in configs:
             out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled,
-                                                            args.dtype), per_token, tp)
-            runs[(tp, compiled)].append((*out, bw))
+                                                            dtype), per_token[dtype], tp)
+            runs[(dtype, tp, compiled)].append((*out, bw))
         for tp in args.vllm_tp:
             if tp in skipped:
                 continue
             out, bw = _with_bandwidth(lambda: bench_vllm(args.vllm_python, path, tp, args.prompt_len, args.new,
-                                                         args.reps, args.dtype), per_token, tp)
+                                                         args.reps, "bfloat16" if first == "int8" else first),
+                                      per_token[first], tp)
             if isinstance(out, str):
                 skipped[tp] = out
                 print(f"vLLM TP={tp} skipped: {out}", flush=True)
             else:
                 vllm_runs[tp].append((*out, bw))
-    for (tp, compiled), results in runs.items():
-        rows.append(("tpserve --compile" if compiled else "tpserve", tp, results))
+    for (dtype, tp, compiled), results in runs.items():
+        rows.append(("tpserve --compile" if compiled else "tpserve", dtype, tp, results))
     for tp, results in vllm_runs.items():
         if results:
-            rows.append(("vLLM CPU", tp, results))
-    print(f"\nmodel {path.name}: {per_token / 1e6:.0f} MB of {args.dtype} weights read per decoded token "
+            rows.append(("vLLM CPU", "bfloat16" if first == "int8" else first, tp, results))
+    weights = ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in per_token.items())
+    print(f"\nmodel {path.name}: weights read per decoded token: {weights} "
           f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens, {args.rounds} round(s))")
     print("roofline = memory read bandwidth (measured around each engine's runs, in its TP layout) / bytes per token\n")
     med = statistics.median
-    base = med(r[1] for r in rows[0][2]) if not args.no_transformers else None
-    print(f"{'engine':<22}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'16 rows tok/s':>15}{'read GB/s':>11}"
-          f"{'of roofline':>13}{'vs transformers':>17}{'decode vs TP=1':>16}{'prefill vs TP=1':>17}"
-          f"{'16 rows vs TP=1':>17}{'first call s':>14}")
-    for name, tp, results in rows:
+    base = med(r[1] for r in rows[0][3]) if rows and rows[0][0] == "transformers generate" else None
+    print(f"{'engine':<22}{'dtype':>9}{'TP':>3}{'prefill tok/s':>15}{'decode tok/s':>14}{'16 rows tok/s':>15}"
+          f"{'read GB/s':>11}{'of roofline':>13}{'vs transformers':>17}{'decode vs TP=1':>16}{'prefill vs TP=1':>17}"
+          f"{'16 rows vs TP=1':>17}{'decode vs fp32':>16}{'first call s':>14}")
+    for name, dtype, tp, results in rows:
         prefill, decode = med(r[0] for r in results), med(r[1] for r in results)
         bw = med(r[-1] for r in results)
         many = med(r[2] for r in results) if results[0][2] is not None else None
-        first = results[0][3]
-        one = vllm_runs.get(1) if name == "vLLM CPU" else runs.get((1, name.endswith("--compile")))
+        first_call = results[0][3]
+        compiled = name.endswith("--compile")
+        one = vllm_runs.get(1) if name == "vLLM CPU" else runs.get((dtype, 1, compiled))
         ratios = ["", "", ""]
         if name != "transformers generate" and one:
             ratios = [f"{med(r[i] / o[i] for r, o in zip(results, one)):.2f}x" for i in (1, 0, 2)]
+        fp32 = runs.get(("float32", tp, compiled)) if name.startswith("tpserve") and dtype != "float32" else None
+        vs_fp32 = f"{med(r[1] / o[1] for r, o in zip(results, fp32)):.2f}x" if fp32 else ""
         vs = f"{decode / base:.2f}x" if base else ""
-        print(f"{name:<22}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{'' if many is None else f'{many:.1f}':>15}"
-              f"{bw:>11.1f}{decode / (bw * 1e9 / per_token):>13.0%}{vs:>17}{ratios[0]:>16}{ratios[1]:>17}"
-              f"{ratios[2]:>17}{'' if first is None else f'{first:.1f}':>14}")
+        print(f"{name:<22}{dtype:>9}{tp:>3}{prefill:>15.0f}{decode:>14.1f}{'' if many is None else f'{many:.1f}':>15}"
+              f"{bw:>11.1f}{decode / (bw * 1e9 / per_token[dtype]):>13.0%}{vs:>17}{ratios[0]:>16}{ratios[1]:>17}"
+              f"{ratios[2]:>17}{vs_fp32:>16}{'' if first_call is None else f'{first_call:.1f}':>14}")
     for tp, why in skipped.items():
         print(f"vLLM CPU TP={tp}: skipped ({why})")
     for tp, theirs in vllm_runs.items():
-        ours = runs.get((tp, False))
-        if theirs and ours:
-            print(f"tpserve TP={tp} / vLLM TP={tp}: decode {med(r[1] for r in ours) / med(r[1] for r in theirs):.2f}x, "
-                  f"prefill {med(r[0] for r in ours) / med(r[0] for r in theirs):.2f}x, "
-                  f"16 rows {med(r[2] for r in ours) / med(r[2] for r in theirs):.2f}x")
+        for dtype in args.dtype:
+            ours = runs.get((dtype, tp, False))
+            if theirs and ours:
+                print(f"tpserve {dtype} TP={tp} / vLLM TP={tp}: decode "
+                      f"{med(r[1] for r in ours) / med(r[1] for r in theirs):.2f}x, "
+                      f"prefill {med(r[0] for r in ours) / med(r[0] for r in theirs):.2f}x, "
+                      f"16 rows {med(r[2] for r in ours) / med(r[2] for r in theirs):.2f}x")
     if args.plot:
         series: dict[str, dict[int, float]] = {}
-        for name, tp, results in rows:
+        for name, dtype, tp, results in rows:
             if name != "transformers generate":
-                series.setdefault(name, {})[tp] = med(r[1] for r in results)
-        plot(args.plot, f"{path.name}, {args.dtype}, {threads} cores ({time.strftime('%Y-%m-%d')})", series)
+                series.setdefault(f"{name} {dtype}", {})[tp] = med(r[1] for r in results)
+        plot(args.plot, f"{path.name}, {threads} cores ({time.strftime('%Y-%m-%d')})", series)
 
 
 if __name__ == "__main__":

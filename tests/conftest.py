@@ -12,13 +12,15 @@ _pools: dict[int, Pool] = {}
 
 @pytest.fixture(scope="session", autouse=True)
 def shm_module_built():
-    """Build the shared-memory collectives and the paged decode kernel once, here, before any
-    group of ranks wants them."""
-    from tpserve.models import attention
-    from tpserve.parallel import shm
+    """Build the shared-memory collectives and the decode kernels once, here, before any group of
+    ranks wants them."""
+    from tpserve.models import attention, norm_rope
+    from tpserve.parallel import matvec, shm
 
     shm.extension()
     attention.extension()
+    matvec.extension()
+    norm_rope.extension()
 
 
 @pytest.fixture(scope="session")

@@ -13,17 +13,15 @@ blocks, which prefill's compute dwarfs.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tpserve.utils.native import NATIVE_FLAGS, load_extension
+from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 
 _ext = None
-_ext_error: str | None = None
 
 
 def kernel_enabled() -> bool:
@@ -32,15 +30,11 @@ def kernel_enabled() -> bool:
 
 def extension():
     """The decode kernel's module, built once per machine; None (one warning) when it cannot be built."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None and kernel_enabled():
-        try:
-            _ext = load_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged",
-                                  ("-O3", "-fopenmp", "-fno-math-errno", *NATIVE_FLAGS))
-        except Exception as exc:  # no compiler: the gathering path still works
-            _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            warnings.warn(f"tpserve: the paged decode kernel is unavailable ({_ext_error}); decode attention "
-                          f"gathers each row's blocks instead. Install g++ for it", stacklevel=2)
+    global _ext
+    if _ext is None and kernel_enabled():
+        _ext = optional_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged",
+                                  ("-O3", "-fopenmp", "-fno-math-errno", *NATIVE_FLAGS), "the paged decode kernel",
+                                  "decode attention gathers each row's blocks instead")
     return _ext if kernel_enabled() else None
 
 

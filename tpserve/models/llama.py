@@ -35,6 +35,7 @@ from tpserve.parallel.comm import patience
 from tpserve.parallel.layers import REDUCE_ROWS
 
 from .attention import Step, attend, make_step
+from .norm_rope import rms_norm, rope
 
 # peers may reach a collective a compile's length apart on a compiled step's first call
 COMPILE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMPILE_TIMEOUT", "600"))
@@ -135,18 +136,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, same math
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate-half rope, x*cos + rotate_half(x)*sin, with rotate_half's sign
-    folded into ``signed_sin`` so the rotation is a single roll (fewer ops per decode step)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _kv_of_q(spec: Spec, tp: int, rank: int) -> list[int]:
@@ -187,8 +177,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_local_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _rope(q, step.cos, step.sin)
-        k = _rope(k, step.cos, step.sin)
+        q = rope(q, step.cos, step.sin)
+        k = rope(k, step.cos, step.sin)
         out = attend(q, k, v, step, cache, self.kv_index, self.gqa_uniform)
         return self.o_proj(out.reshape(n, -1))
 

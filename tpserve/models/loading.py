@@ -16,6 +16,7 @@ from tpserve.parallel.quantize import check_quantization, quantize_int8
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
+from . import norm_rope
 from .registry import load_config, model_class
 
 
@@ -170,6 +171,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, config)
     quantization = check_quantization(quantization)
+    if device.type == "cpu":
+        norm_rope.extension()  # built (or loaded) now, not inside a step
     cls = model_class(config)
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)

@@ -12,13 +12,12 @@ kernel off.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tpserve.utils.native import NATIVE_FLAGS, load_extension
+from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 
 # up to these many rows the kernel beat torch's products (benchmarks/matvec.py, Xeon with AMX):
 BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.9; at 16 oneDNN's AMX wins
@@ -26,7 +25,6 @@ INT8_KERNEL_ROWS = 16  # beyond, one dequantized copy and oneDNN
 INT8_MAX = 127  # symmetric: -127..127, so a row's scale is its largest |w| / 127
 
 _ext = None
-_ext_error: str | None = None
 
 
 def kernel_enabled() -> bool:
@@ -35,15 +33,11 @@ def kernel_enabled() -> bool:
 
 def extension():
     """The kernels' module, built once per machine; None (one warning) when it cannot be built."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None and kernel_enabled():
-        try:
-            _ext = load_extension(Path(__file__).with_name("csrc") / "matvec.cpp", "tpserve_matvec",
-                                  ("-O3", "-fopenmp", *NATIVE_FLAGS))
-        except Exception as exc:  # no compiler: the stock products still work
-            _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            warnings.warn(f"tpserve: the bf16/int8 decode kernel is unavailable ({_ext_error}); stock torch "
-                          f"products run instead, slower at a few rows. Install g++ for it", stacklevel=2)
+    global _ext
+    if _ext is None and kernel_enabled():
+        _ext = optional_extension(Path(__file__).with_name("csrc") / "matvec.cpp", "tpserve_matvec",
+                                  ("-O3", "-fopenmp", *NATIVE_FLAGS), "the bf16/int8 decode kernel",
+                                  "stock torch products run instead, slower at a few rows")
     return _ext if kernel_enabled() else None
 
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from tpserve.utils.fs import pid_alive
-from tpserve.utils.native import load_extension
+from tpserve.utils.native import optional_extension
 
 SLOT_BYTES = 1 << 20  # per rank and slot; larger messages go through in several rounds
 SHM_DIR = Path("/dev/shm")
@@ -36,7 +35,6 @@ SPINS_OWN_CORE = 1 << 16  # ~3 ms of pause instructions before yielding
 SPINS_SHARED_CORE = 64  # more ranks than cores: a waiting rank must give its core to the one it waits for
 
 _ext = None
-_ext_error: str | None = None
 attached: dict = {}  # group -> ShmComm
 
 
@@ -55,19 +53,11 @@ def enabled() -> bool:
 def extension():
     """The C++ module, built once per machine (torch caches the build, and a lock keeps ranks
     from building it at the same time); None, with one warning, when it cannot be built."""
-    global _ext, _ext_error
-    if _ext is None and _ext_error is None:
-        try:
-            _ext = _load()
-        except Exception as exc:  # no compiler, no headers: gloo still works
-            _ext_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            warnings.warn(f"tpserve: shared-memory collectives are unavailable ({_ext_error}); using gloo. "
-                          f"Install g++ for them, or set TPSERVE_SHM=0 to silence this", stacklevel=2)
+    global _ext
+    if _ext is None:
+        _ext = optional_extension(Path(__file__).with_name("csrc") / "shm_comm.cpp", "tpserve_shm", ("-O3",),
+                                  "shared-memory collectives", "using gloo (set TPSERVE_SHM=0 to silence this)")
     return _ext
-
-
-def _load():
-    return load_extension(Path(__file__).with_name("csrc") / "shm_comm.cpp", "tpserve_shm")
 
 
 class ShmComm:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import platform
+import warnings
 from pathlib import Path
 
 # build for the vector instructions of this CPU (each build is keyed by the CPU's features)
@@ -40,3 +41,22 @@ def load_extension(src: Path, prefix: str, extra_cflags: tuple[str, ...] = ("-O3
         return module
     ldflags = ["-fopenmp"] if "-fopenmp" in extra_cflags else []  # at::parallel_for runs on OpenMP threads
     return load(name=name, sources=[str(src)], extra_cflags=list(extra_cflags), extra_ldflags=ldflags, verbose=False)
+
+
+_unavailable: dict[str, str] = {}  # source -> why it could not be built (warned once)
+
+
+def optional_extension(src: Path, prefix: str, extra_cflags: tuple[str, ...], what: str, instead: str):
+    """:func:`load_extension`'s module, or None when it cannot be built (no compiler, no
+    headers), with one warning naming ``what`` is missing and what runs ``instead``."""
+    key = str(src)
+    if key in _unavailable:
+        return None
+    try:
+        return load_extension(src, prefix, extra_cflags)
+    except Exception as exc:
+        text = str(exc).strip()
+        _unavailable[key] = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        warnings.warn(f"tpserve: {what} is unavailable ({_unavailable[key]}); {instead}. Install g++ for it",
+                      stacklevel=3)
+        return None
