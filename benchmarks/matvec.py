@@ -79,6 +79,8 @@ def main() -> None:
             torch.ops.aten._weight_int8pack_mm(x16, q, s.bfloat16()) for q, s in q8]
         if ext is not None:
             yield "int8 tpserve kernel, bf16 x", 1, lambda: [ext.int8_linear(x16, q, s, None, False) for q, s in q8]
+        yield "int8 dequantized to bf16, then F.linear", 1, lambda: [
+            F.linear(x16, q.to(torch.bfloat16) * s.bfloat16()[:, None]) for q, s in q8]
         if args.compile:
             fn = torch.compile(lambda x, w: (x.unsqueeze(-2) * w).sum(-1, dtype=torch.float32), dynamic=False)
             yield "bf16 compiled multiply-and-sum (fp32 acc)", 2, lambda: [fn(x16, w) for w in w16]

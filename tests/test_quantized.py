@@ -3,6 +3,8 @@ greedy tokens at every TP degree, and int8 weights are the same at every TP degr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,11 +82,36 @@ def test_int8_model_layers_and_errors(tmp_path):
         for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
             assert mod.weight.dtype == torch.int8 and mod.weight_scale.shape == (mod.weight.shape[0],)
         assert llm.model.lm_head.weight.dtype == torch.float32  # the head keeps the model's dtype
-        with pytest.raises(Exception, match="quantized"):
-            llm.save_sharded(tmp_path / "ckpt")
-        assert not (tmp_path / "ckpt").exists()
     with pytest.raises(ValueError, match="quantization='int4' is not supported"):
         LLM(quantization="int4")
+
+
+def test_an_int8_checkpoint_saves_verifies_and_reshards(tmp_path):
+    """Saved at TP=2 with its int8 weights and row scales, verified, and loaded at TP=1 and 3:
+    the same int8 numbers and the same logits as the model that was quantized."""
+    from tpserve.models.convert import verify
+
+    ids = [[1, 504, 2988, 314, 42, 216, 34, 32]]
+    with LLM(quantization="int8") as llm:
+        want_logits = llm.logits(ids)[0]
+        layer = llm.model.model.layers[1]
+        down_q = layer.mlp.down_proj.weight.clone()
+        down_s = layer.mlp.down_proj.weight_scale.clone()
+        q_q = layer.self_attn.q_proj.weight.clone()
+    with LLM(tensor_parallel_size=2, quantization="int8") as llm:
+        saved = llm.save_sharded(tmp_path / "int8")
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["quant_method"] == "tpserve-int8"
+    report = verify(saved)
+    assert report  # checksums, sizes and the config's shapes all held
+    for tp in (1, 3):
+        with LLM(model=saved, tensor_parallel_size=tp) as llm:
+            assert llm.model.quantization == "int8"
+            layer = llm.model.model.layers[1]
+            if tp == 1:
+                assert torch.equal(layer.mlp.down_proj.weight, down_q)
+                assert torch.equal(layer.mlp.down_proj.weight_scale, down_s)
+                assert torch.equal(layer.self_attn.q_proj.weight, q_q)
+            torch.testing.assert_close(llm.logits(ids)[0], want_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_row_parallel_int8_is_the_same_at_every_tp_degree():
@@ -112,3 +139,22 @@ def test_auto_keeps_a_bf16_checkpoint_bf16_where_the_cpu_is_fast(tmp_path):
         assert llm.model.model.embed_tokens.weight.dtype == llm.dtype
     with LLM(model=tmp_path / "fp32") as llm:
         assert llm.dtype == torch.float32
+
+
+def test_convert_writes_bf16_shards_that_load_as_bf16(tmp_path):
+    from tpserve.checkpoint.manifest import read_manifest
+    from tpserve.checkpoint.resolve import resolve_model_path
+    from tpserve.models.convert import convert, verify
+
+    out = convert(resolve_model_path(None), tmp_path / "bf16", 2, progress=False, dtype="bfloat16")
+    verify(out)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in read_manifest(out).tensors.values()} == {torch.bfloat16}
+    ids = [[1, 504, 2988, 314, 42]]
+    with LLM(dtype="bfloat16") as llm:
+        want = llm.logits(ids)[0]
+    with LLM(model=out, tensor_parallel_size=1) as llm:  # auto: bf16 stays bf16 where the CPU is fast
+        assert llm.dtype == (torch.bfloat16 if matvec.native_bf16() else torch.float32)
+        got = llm.logits(ids)[0]
+    if llm.dtype == torch.bfloat16:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same rounding of the same weights

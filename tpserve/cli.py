@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=_positive_int, required=True, help="TP degree the checkpoint is cut for")
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tpserve checkpoint there")
+    p.add_argument("--dtype", default=None, help="cast floating-point tensors to float32, bfloat16 or float16 "
+                                                 "(default: keep the source's)")
 
     p = sub.add_parser("verify", help="check a tpserve checkpoint's files against its manifest")
     p.add_argument("path")
@@ -247,7 +249,7 @@ def _inspect(args) -> None:
         print("  (uneven heads: ranks sharing a KV head each hold a copy of it)")
 
 
-def _convert(src: str, output: str, tp: int, overwrite: bool) -> None:
+def _convert(src: str, output: str, tp: int, overwrite: bool, dtype: str | None = None) -> None:
     import time
 
     from tpserve.checkpoint.safetensors_io import CheckpointError
@@ -255,7 +257,7 @@ def _convert(src: str, output: str, tp: int, overwrite: bool) -> None:
 
     t0 = time.perf_counter()
     try:
-        out = convert(src, output, tp, overwrite=overwrite)
+        out = convert(src, output, tp, overwrite=overwrite, dtype=dtype)
     except PermissionError as exc:
         raise CheckpointError(f"{exc.filename}: permission denied") from None
     except OSError as exc:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args)
         elif args.command == "convert":
-            _convert(args.src, args.output, args.tp, args.overwrite)
+            _convert(args.src, args.output, args.tp, args.overwrite, args.dtype)
         elif args.command == "verify":
             _verify(args.path)
     except KeyboardInterrupt:

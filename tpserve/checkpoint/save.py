@@ -23,7 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tpserve.parallel.partition import slice_shape
+from tpserve.parallel.quantize import INT8_CONFIG
 from tpserve.parallel.shards import param_shards
+from tpserve.utils.dtypes import DTYPE_NAME
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 from tpserve.utils.threads import run_in_threads
 from tpserve.version import __version__
@@ -164,9 +166,10 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{final} was filled by someone else while saving; not replacing it")
 
 
-def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
+def _copy_aux(src: Path | None, tmp: Path, config, updates: dict | None = None) -> dict:
     """Copy config, tokenizer and generation files from ``src``; write config.json from the
-    live model's config if the source has none. Returns the config as saved."""
+    live model's config if the source has none; set ``updates``'s keys in it (the saved dtype,
+    transformers' ``quantization_config``). Returns the config as saved."""
     if src is not None and Path(src).is_dir():
         for pattern in AUX_PATTERNS:
             for f in sorted(Path(src).glob(pattern)):
@@ -179,18 +182,23 @@ def _copy_aux(src: Path | None, tmp: Path, config) -> dict:
             raise CheckpointError(f"{src}: no config.json to save with the checkpoint")
         config.to_json_file(cfg)
         fsync_path(cfg)
-    return json.loads(cfg.read_text())
+    saved = json.loads(cfg.read_text())
+    if updates and any(saved.get(k) != v for k, v in updates.items()):
+        saved.update(updates)
+        cfg.write_text(json.dumps(saved, indent=2) + "\n")
+        fsync_path(cfg)
+    return saved
 
 
 def _write_manifest_and_publish(tmp: Path, final: Path, aux_src: Path | None, config, layouts: list[dict], records: list[dict],
-            overwrite: bool) -> None:
+            overwrite: bool, updates: dict | None = None) -> None:
     """Rank files are written and fsynced: add config and tokenizer, the manifest last, publish."""
     for rec in records:
         f = tmp / rec["file"]
         if not f.is_file() or f.stat().st_size != rec["size"]:
             raise CheckpointError(f"{f}: rank {rec['rank']}'s file is not visible (complete) from rank 0; save to a "
                                   f"directory every rank shares")
-    cfg = _copy_aux(aux_src, tmp, config)
+    cfg = _copy_aux(aux_src, tmp, config, updates)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     text = dump_manifest(build_manifest(cfg, len(records), layouts, records, created, __version__))
     mpath = tmp / MANIFEST_NAME
@@ -253,8 +261,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
         err = None
         if rank == 0:
             try:
+                quantized = getattr(model, "quantization", None) == "int8"
                 _write_manifest_and_publish(Path(tmp), final, getattr(model, "source_path", None),
-                                            getattr(model, "config", None), layouts, records, overwrite)
+                                            getattr(model, "config", None), layouts, records, overwrite,
+                                            {"quantization_config": INT8_CONFIG} if quantized else None)
             except Exception as exc:
                 err = _caught(exc)
         err = broadcast_object(err if rank == 0 else None, 0, group)
@@ -313,23 +323,30 @@ def _tpserve_source(path: Path, shards: dict):
 
 
 def write_converted(src_dir: Path, output: str | os.PathLike, config, layouts: list[dict], *,
-                    overwrite: bool = False, progress: bool = True) -> Path:
+                    overwrite: bool = False, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
     """Write the model at ``src_dir`` (transformers directory or tpserve checkpoint) as a tpserve
     checkpoint cut as ``layouts`` says (one ``param_shards`` dict per rank; ``models.convert``
     asks the model for them), in this one process: each rank file is written by its own thread
-    from ranged reads of the source."""
+    from ranged reads of the source. ``dtype``: cast the floating-point tensors to it (config.json's
+    ``torch_dtype`` says so); None keeps the source's."""
     tp = len(layouts)
     final = check_save_target(output, overwrite)
-    dtype_of, read = (_tpserve_source if is_checkpoint(src_dir) else _transformers_source)(src_dir, layouts[0])
+    source_dtype, read = (_tpserve_source if is_checkpoint(src_dir) else _transformers_source)(src_dir, layouts[0])
+
+    def dtype_of(name: str) -> torch.dtype:
+        stored = source_dtype(name)
+        return dtype if dtype is not None and stored.is_floating_point else stored
+
     owners = layout_ownership(layouts)
     entries = [_entries(layouts[r], r, owners, dtype_of) for r in range(tp)]
     total = sum(math.prod(e.shape) * e.dtype.itemsize for es in entries for e in es)
 
     def write(rank: int, advance) -> dict:
         def fetch(e: _Entry) -> torch.Tensor:
-            out = _OUT.tensor(e.shape, e.dtype)
+            stored = source_dtype(e.name)
+            out = _OUT.tensor(e.shape, stored)
             read(e.name, layouts[rank][e.name], out, rank)
-            return out
+            return out if stored == e.dtype else out.to(e.dtype)
 
         return _write_rank_file(tmp / rank_file_name(rank, tp), rank, tp, entries[rank], fetch, advance)
 
@@ -337,7 +354,8 @@ def write_converted(src_dir: Path, output: str | os.PathLike, config, layouts: l
     try:
         records = run_in_threads(write, range(tp), min(tp, os.cpu_count() or 1), total=total,
                                  desc=f"converting to TP={tp}", progress=progress)
-        _write_manifest_and_publish(tmp, final, src_dir, config, layouts, records, overwrite)
+        _write_manifest_and_publish(tmp, final, src_dir, config, layouts, records, overwrite,
+                                    {"torch_dtype": DTYPE_NAME[dtype], "dtype": DTYPE_NAME[dtype]} if dtype else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tpserve.parallel.quantize import checkpoint_quantization, prepare_int8
 from tpserve.parallel.shards import Shard, param_shards
 
 from .registry import model_class
@@ -19,8 +20,12 @@ def layout(config, tp: int) -> list[dict[str, Shard]]:
     from torch._C._distributed_c10d import FakeProcessGroup
 
     cls = model_class(config)
+    quantized = checkpoint_quantization(config) == "int8"
     ranks = []
     for rank in range(tp):
         with torch.device("meta"):  # the layers only ask the group for its rank and size
-            ranks.append(param_shards(cls(config, group=FakeProcessGroup._create_internal(rank, tp))))
+            model = cls(config, group=FakeProcessGroup._create_internal(rank, tp))
+            if quantized:
+                prepare_int8(model)
+            ranks.append(param_shards(model))
     return ranks

@@ -12,7 +12,7 @@ from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
 from tpserve.parallel import get_group, group_rank, matvec
 from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
-from tpserve.parallel.quantize import check_quantization, quantize_int8
+from tpserve.parallel.quantize import check_quantization, checkpoint_quantization, prepare_int8, quantize_int8
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
@@ -163,7 +163,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     (see :func:`use_decode_layout`); the engine turns it on for CPU. ``compile`` readies the
     compiled decode step (``compile_decode``) instead, whose reductions want the usual layout,
     so it overrides ``decode_layout``. ``quantization="int8"``: every linear layer but the LM head
-    is stored as int8 with one scale per output row (``parallel.quantize``), after loading.
+    is stored as int8 with one scale per output row (``parallel.quantize``), after loading; a
+    checkpoint saved quantized (its config.json's ``quantization_config``) loads its int8
+    weights and scales as they are, at any TP degree.
     """
     group = get_group(group)
     path = Path(path)
@@ -171,6 +173,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, config)
     quantization = check_quantization(quantization)
+    stored = checkpoint_quantization(config)  # a quantized checkpoint loads as it was saved
     if device.type == "cpu":
         norm_rope.extension()  # built (or loaded) now, not inside a step
     cls = model_class(config)
@@ -179,13 +182,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     _materialize(model, device)
     if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.native_bf16()):
         use_decode_layout(model)  # (bf16's own kernel reads the usual layout)
+    if stored == "int8":
+        prepare_int8(model)
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
-    if quantization == "int8":
+    if quantization == "int8" and not stored:
         quantize_int8(model)
     model.eval().requires_grad_(False)
     model.source_path = path
-    model.quantization = quantization
+    model.quantization = stored or quantization
     if compile:
         model.compile_decode()
     return model

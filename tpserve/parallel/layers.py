@@ -162,7 +162,7 @@ class ColumnParallelLinear(_TPModule):
             _init_linear(self.weight, self.bias, in_features)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
-        return 0, self.out_start, self.out_end, self.out_features
+        return 0, self.out_start, self.out_end, self.out_features  # weight, bias and int8 scales: by row
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
         y = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, self.weight_scale)
@@ -201,7 +201,7 @@ class RowParallelLinear(_TPModule):
             _init_linear(self.weight, self.bias, in_features)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
-        if param is self.bias:  # whole on every rank, added once after the reduce
+        if param is self.bias or param is self.weight_scale:  # whole on every rank (a scale covers a whole row)
             return None, 0, self.out_features, self.out_features
         return 1, self.in_start, self.in_end, self.in_features
 

@@ -23,9 +23,6 @@ def param_shards(model: nn.Module) -> dict[str, Shard]:
     for name, param in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
         shape = tuple(param.shape)
-        if getattr(owner, "weight_scale", None) is not None:
-            raise ValueError(f"{name} is quantized (int8); saving quantized weights is not supported yet: save the "
-                             f"full-precision model and pass quantization='int8' when loading it")
         if isinstance(owner, _TPModule):
             dim, start, end, full = owner.shard_of(param)
             if dim is not None:
