@@ -292,3 +292,21 @@ def test_incremental_detokenizer_equals_a_full_decode():
     for t in tok(text * 20)["input_ids"]:
         detok.add(t)
     assert max(calls) < 20  # short windows, not the whole completion
+
+
+def test_an_error_in_rank_0s_own_step_is_named_as_such(monkeypatch):
+    """At TP=1 there is no worker to blame: the error says rank 0 raised, and what."""
+    import tpserve.engine.llm as llm_module
+    from tpserve.engine.llm import WorkerError
+
+    real = llm_module.execute
+
+    def broken(model, cmd, state):
+        if cmd[0] == "step":
+            raise RuntimeError("a kernel refused its input")
+        return real(model, cmd, state)
+
+    with LLM() as llm:
+        monkeypatch.setattr(llm_module, "execute", broken)
+        with pytest.raises(WorkerError, match=r"rank 0 \(this process\) raised RuntimeError: a kernel refused"):
+            llm.generate(["hi"], SamplingParams(max_tokens=2))

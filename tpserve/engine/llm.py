@@ -409,9 +409,12 @@ class LLM:
         return "; ".join([s for s in stories if "alive" not in s] or stories)
 
     def _fail(self, what: str, exc: BaseException | None):
-        detail = self._how_workers_ended()
+        if exc is not None and not isinstance(exc, CommError) and not self._worker_died(0.5):
+            why = f"rank 0 (this process) raised {type(exc).__name__}: {exc}"  # no worker is to blame
+        else:
+            why = f"a worker process stopped ({self._how_workers_ended()})"
         self._release()
-        raise WorkerError(f"{what} failed: a worker process stopped ({detail}); all tpserve processes were stopped, "
+        raise WorkerError(f"{what} failed: {why}; all tpserve processes were stopped, "
                           f"create a new LLM to continue") from exc
 
     def _need_tokenizer(self, what: str):
