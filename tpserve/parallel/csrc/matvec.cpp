@@ -41,104 +41,120 @@ void finish(const float* acc, int64_t acts, int64_t rows, int64_t m, int64_t n, 
     for (int64_t r = 0; r < rows; ++r) store(m + i, n + r, acc[i * ROWS + r]);
 }
 
+// How each weight kind is read: one vector of `STEP` weights (and the matching activations) at a
+// time, whole or masked at a row's tail, and multiplied into float32 accumulators.
 #if defined(__AVX512BF16__)
-template <int A, int R, typename Store>
-void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
+#define TPSERVE_BF16_VECTORS 1
+struct Bf16 {
+  using X = uint16_t;
+  using W = uint16_t;
+  using V = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int64_t STEP = 32;
+  static Mask tail(int64_t n) { return (Mask)((1ull << n) - 1); }
+  static V load_w(const W* p) { return (V)_mm512_loadu_si512(p); }
+  static V load_w(const W* p, Mask m) { return (V)_mm512_maskz_loadu_epi16(m, p); }
+  static V load_x(const X* p) { return (V)_mm512_loadu_si512(p); }
+  static V load_x(const X* p, Mask m) { return (V)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TPSERVE_INT8_VECTORS 1
+struct Int8 {  // widened to float32; the activations are float32 already
+  using X = float;
+  using W = int8_t;
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t STEP = 16;
+  static Mask tail(int64_t n) { return (Mask)((1u << n) - 1); }
+  static V load_w(const W* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+  static V load_w(const W* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+  static V load_x(const X* p) { return _mm512_loadu_ps(p); }
+  static V load_x(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+#endif
+
+#if defined(__AVX512F__)
+// A activation rows times R weight rows, in A*R vector accumulators.
+template <typename Kind, int A, int R, typename Store>
+void vector_tile(const typename Kind::X* x, int64_t ldx, const typename Kind::W* w, int64_t K, int64_t m, int64_t n,
+                 Store&& store) {
+  using V = typename Kind::V;
+  constexpr int64_t per_line = 64 / sizeof(typename Kind::W);  // weights per cache line: one prefetch each
   __m512 acc[A][R];
   for (int i = 0; i < A; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[R];
+  for (; k + Kind::STEP <= K; k += Kind::STEP) {
+    V wv[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch((const char*)(w + (n + r) * K + k) + AHEAD, _MM_HINT_T0);
-      wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+      if (k % per_line == 0) _mm_prefetch((const char*)(w + (n + r) * K + k) + AHEAD, _MM_HINT_T0);
+      wv[r] = Kind::load_w(w + (n + r) * K + k);
     }
     for (int i = 0; i < A; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m + i) * ldx + k);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+      const V xv = Kind::load_x(x + (m + i) * ldx + k);
+      for (int r = 0; r < R; ++r) acc[i][r] = Kind::fma(acc[i][r], xv, wv[r]);
     }
   }
   if (k < K) {
-    const __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1);
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (n + r) * K + k);
+    const auto tail = Kind::tail(K - k);
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = Kind::load_w(w + (n + r) * K + k, tail);
     for (int i = 0; i < A; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + (m + i) * ldx + k);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+      const V xv = Kind::load_x(x + (m + i) * ldx + k, tail);
+      for (int r = 0; r < R; ++r) acc[i][r] = Kind::fma(acc[i][r], xv, wv[r]);
     }
   }
   float sums[ACTS * ROWS];
   for (int i = 0; i < A; ++i)
     for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
-  finish(sums, A, R, m, n, store);
-}
-#else
-template <int A, int R, typename Store>
-void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
-  float sums[ACTS * ROWS];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* xr = x + (m + i) * ldx;
-      const uint16_t* wr = w + (n + r) * K;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += bf16_to_float(xr[k]) * bf16_to_float(wr[k]);
-      sums[i * ROWS + r] = s;
-    }
   finish(sums, A, R, m, n, store);
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-template <int A, int R, typename Store>
-void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
-  __m512 acc[A][R];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) {
-      if ((k & 63) == 0) _mm_prefetch((const char*)(w + (n + r) * K + k) + AHEAD, _MM_HINT_T0);
-      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + (n + r) * K + k))));
-    }
-    for (int i = 0; i < A; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + (m + i) * ldx + k);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r)
-      wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, w + (n + r) * K + k)));
-    for (int i = 0; i < A; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + (m + i) * ldx + k);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
-    }
-  }
-  float sums[ACTS * ROWS];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
-  finish(sums, A, R, m, n, store);
-}
-#else
-template <int A, int R, typename Store>
-void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
+// The same sums in plain C++ (the compiler vectorises the inner loop), for CPUs without them.
+template <int A, int R, typename X, typename W, typename ToFloat, typename Store>
+void plain_tile(const X* x, int64_t ldx, const W* w, int64_t K, int64_t m, int64_t n, ToFloat&& to_float,
+                Store&& store) {
   float sums[ACTS * ROWS];
   for (int i = 0; i < A; ++i)
     for (int r = 0; r < R; ++r) {
-      const float* xr = x + (m + i) * ldx;
-      const int8_t* wr = w + (n + r) * K;
+      const X* xr = x + (m + i) * ldx;
+      const W* wr = w + (n + r) * K;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += xr[k] * static_cast<float>(wr[k]);
+      for (int64_t k = 0; k < K; ++k) s += to_float(xr[k]) * to_float(wr[k]);
       sums[i * ROWS + r] = s;
     }
   finish(sums, A, R, m, n, store);
 }
+
+struct AsFloat {
+  float operator()(uint16_t v) const { return bf16_to_float(v); }  // bf16 bits
+  float operator()(float v) const { return v; }
+  float operator()(int8_t v) const { return static_cast<float>(v); }
+};
+
+template <int A, int R, typename Store>
+void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
+#if defined(TPSERVE_BF16_VECTORS)
+  vector_tile<Bf16, A, R>(x, ldx, w, K, m, n, store);
+#else
+  plain_tile<A, R>(x, ldx, w, K, m, n, AsFloat{}, store);
 #endif
+}
+
+template <int A, int R, typename Store>
+void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
+#if defined(TPSERVE_INT8_VECTORS)
+  vector_tile<Int8, A, R>(x, ldx, w, K, m, n, store);
+#else
+  plain_tile<A, R>(x, ldx, w, K, m, n, AsFloat{}, store);
+#endif
+}
 
 // Every (activation tile, weight row group) of rows [n0, n1), with the tile sizes as template
 // arguments so the accumulators stay in registers.
@@ -239,7 +255,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 bool native_bf16() {
-#if defined(__AVX512BF16__)
+#if defined(TPSERVE_BF16_VECTORS)
   return true;
 #else
   return false;
