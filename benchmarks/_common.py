@@ -1,15 +1,28 @@
-"""Random fp32 Llama checkpoints the benchmarks share: ~620 MB (loading, checkpoints) and the
-281M even-head model of the TP decode benchmark."""
+"""What the benchmarks share: a median timer, and random fp32 Llama checkpoints: ~620 MB
+(loading, checkpoints) and the 281M even-head model of the TP decode benchmark."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+
+def median_time(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn``."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
 
 # ~619 MB of fp32 weights; 16 query / 4 KV heads split evenly at TP = 2 and 4.
 MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,

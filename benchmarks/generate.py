@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # _common, for random-281m
+sys.path.insert(0, str(Path(__file__).parent))  # _common: random-281m, median_time
+
+from _common import median_time  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
@@ -87,15 +89,6 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
     return out, max(before, read_bandwidth(nbytes, tp=tp))
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def engine_dtype(dtype: str) -> tuple[str, str | None]:
     """(LLM dtype, quantization) of a --dtype choice: int8 computes in bf16 where the CPU has
     tpserve's AVX512-BF16 kernel, else in fp32."""
@@ -119,13 +112,13 @@ def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compil
         t = time.perf_counter()
         llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         first = time.perf_counter() - t
-        t_prefill = _median_time(lambda: llm.generate([prompt], one), reps)
-        t_total = _median_time(lambda: llm.generate([prompt], many), reps)
+        t_prefill = median_time(lambda: llm.generate([prompt], one), reps)
+        t_total = median_time(lambda: llm.generate([prompt], many), reps)
         rows = [prompt[:32]] * 16
         few = SamplingParams(max_tokens=17, ignore_eos=True)
         llm.generate(rows, few)  # warm-up (a compiled graph for many rows)
-        t16_prefill = _median_time(lambda: llm.generate(rows, one), reps)
-        t16_total = _median_time(lambda: llm.generate(rows, few), reps)
+        t16_prefill = median_time(lambda: llm.generate(rows, one), reps)
+        t16_total = median_time(lambda: llm.generate(rows, few), reps)
     return len(prompt) / t_prefill, new / (t_total - t_prefill), 16 * 16 / (t16_total - t16_prefill), first
 
 
@@ -141,8 +134,8 @@ def bench_transformers(path, prompt: list[int], new: int, reps: int, dtype: torc
                            do_sample=False, pad_token_id=0)
 
     run(8)
-    t_prefill = _median_time(lambda: run(1), reps)
-    t_total = _median_time(lambda: run(new + 1), reps)
+    t_prefill = median_time(lambda: run(1), reps)
+    t_total = median_time(lambda: run(new + 1), reps)
     return len(prompt) / t_prefill, new / (t_total - t_prefill)
 
 

@@ -12,25 +12,21 @@ fp32 with the same threads. ``--compile`` adds inductor's multiply-and-sum (slow
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
+
+from _common import median_time  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    fn()  # warm-up: first-touch pages, oneDNN's primitive cache
+    return median_time(fn, reps)
 
 
 def main() -> None:

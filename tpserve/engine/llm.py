@@ -138,7 +138,6 @@ class LLM:
                              f"heads; use a TP degree between 1 and {heads}")
         self.tp = tensor_parallel_size
         self.dtype = resolve_dtype(dtype, resolve_device(device), config)
-        self.quantization = quantization
         self.skip_tokenizer_init = skip_tokenizer_init
         self.tokenizer = load_tokenizer(self.model_path, tokenizer, skip_tokenizer_init)  # before any process starts
         self.eos_ids = eos_token_ids(self.model_path, config, self.tokenizer)
