@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/tpserve generate --tp 2 --chat "What is the capital of France?"
 
 test: setup
-	$(PY) -m ruff check tpserve tests benchmarks
+	$(PY) -m ruff check tpserve tests benchmarks examples
 	$(PY) -m pytest -q
 
 bench: setup

@@ -22,9 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tpserve.parallel.agree import gather_agreed, raise_first
+from tpserve.parallel.comm import broadcast_object, group_rank, group_size
 from tpserve.parallel.partition import slice_shape
 from tpserve.parallel.quantize import INT8_CONFIG
 from tpserve.parallel.shards import param_shards
+from tpserve.parallel.training import model_group
 from tpserve.utils.dtypes import DTYPE_NAME
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 from tpserve.utils.threads import run_in_threads
@@ -43,6 +46,7 @@ from .manifest import (
     rank_file_name,
     read_manifest,
 )
+from .resume import OPTIMIZER_DIR, optimizer_state, write_meta
 from .safetensors_io import CheckpointError, _bytes_view, open_checkpoint
 from .sharded import (
     _CRC,
@@ -166,12 +170,14 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{final} was filled by someone else while saving; not replacing it")
 
 
-def _copy_aux(src: Path | None, tmp: Path, config, updates: dict | None = None) -> dict:
+def _copy_aux(src: Path | None, tmp: Path, config, updates: dict | None = None, live_config: bool = False) -> dict:
     """Copy config, tokenizer and generation files from ``src``; write config.json from the
-    live model's config if the source has none; set ``updates``'s keys in it (the saved dtype,
-    transformers' ``quantization_config``). Returns the config as saved."""
+    live model's config if the source has none (or ``live_config``: a transformers model's own
+    config is the fact, the directory it came from may be older); set ``updates``'s keys in it
+    (the saved dtype, transformers' ``quantization_config``). Returns the config as saved."""
     if src is not None and Path(src).is_dir():
-        for pattern in AUX_PATTERNS:
+        skip = ("config.json",) if live_config and config is not None else ()
+        for pattern in (p for p in AUX_PATTERNS if p not in skip):
             for f in sorted(Path(src).glob(pattern)):
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
@@ -191,14 +197,14 @@ def _copy_aux(src: Path | None, tmp: Path, config, updates: dict | None = None) 
 
 
 def _write_manifest_and_publish(tmp: Path, final: Path, aux_src: Path | None, config, layouts: list[dict], records: list[dict],
-            overwrite: bool, updates: dict | None = None) -> None:
+            overwrite: bool, updates: dict | None = None, live_config: bool = False) -> None:
     """Rank files are written and fsynced: add config and tokenizer, the manifest last, publish."""
     for rec in records:
         f = tmp / rec["file"]
         if not f.is_file() or f.stat().st_size != rec["size"]:
             raise CheckpointError(f"{f}: rank {rec['rank']}'s file is not visible (complete) from rank 0; save to a "
                                   f"directory every rank shares")
-    cfg = _copy_aux(aux_src, tmp, config, updates)
+    cfg = _copy_aux(aux_src, tmp, config, updates, live_config)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     text = dump_manifest(build_manifest(cfg, len(records), layouts, records, created, __version__))
     mpath = tmp / MANIFEST_NAME
@@ -216,19 +222,64 @@ def _host_tensor(p: torch.Tensor) -> torch.Tensor:
 _KEEP = (FileExistsError,)  # raised as themselves on every rank; other failures as CheckpointError
 
 
+def _saved_config_updates(model: nn.Module) -> dict:
+    """What config.json must say beyond the live config for ``LLM`` to serve the checkpoint: the
+    architecture (a transformers model built from a config has none) and the weights' dtype."""
+    updates: dict = {}
+    if getattr(model, "quantization", None) == "int8":
+        updates["quantization_config"] = INT8_CONFIG
+    config = getattr(model, "config", None)
+    if config is not None and getattr(model, "source_path", None) is None:
+        if not getattr(config, "architectures", None):
+            updates["architectures"] = [type(model).__name__]
+        floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+        if floats:
+            updates["torch_dtype"] = updates["dtype"] = DTYPE_NAME[floats[0]]
+    return updates
+
+
+def _pretrained_dir(model: nn.Module) -> str | None:
+    """The directory a transformers model was loaded from (its tokenizer goes with the checkpoint)."""
+    where = getattr(model, "name_or_path", None)
+    return where if where and Path(where).is_dir() else None
+
+
+def _write_agreed(directory: Path, shards_of: Callable[[], dict], tensors: dict[str, torch.Tensor], rank: int,
+                  tp: int, group) -> tuple[list[dict], list[dict]]:
+    """Every rank writes its file of ``tensors`` into ``directory``; returns every rank's layout
+    and file record. Each step's outcome travels with the gather that ends it (parallel.agree),
+    so a failure on one rank is raised on all of them instead of leaving the others waiting."""
+    shards, err = None, None
+    try:
+        shards = shards_of()
+    except Exception as exc:
+        err = _caught(exc)
+    layouts = gather_agreed(shards, err, group, CheckpointError, _KEEP)  # ownership decides the chunks
+    record, err = None, None
+    try:
+        directory.mkdir(exist_ok=True)
+        entries = _entries(shards, rank, layout_ownership(layouts), lambda n: tensors[n].dtype)
+        record = _write_rank_file(directory / rank_file_name(rank, tp), rank, tp, entries,
+                                  lambda e: _host_tensor(tensors[e.name]))
+    except Exception as exc:
+        err = _caught(exc)
+    return layouts, gather_agreed(record, err, group, CheckpointError, _KEEP)
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
-                    group: dist.ProcessGroup | None = None) -> Path:
+                    group: dist.ProcessGroup | None = None, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Save this rank's shards of ``model`` into the checkpoint directory ``path``.
 
     Every rank of the group calls it; each writes its own file in parallel, rank 0 adds the
     config, tokenizer and manifest and publishes the directory. All ranks return the same path
     or raise the same error. ``path`` must be on storage every rank can see. ``group``
     defaults to the model's own (a native tpserve model's), else the default group.
+    ``optimizer``: its state is saved too, cut like the weights (``checkpoint.resume``), for
+    :func:`load_checkpoint` to resume training at this or another TP degree. A
+    ``parallelize()``d transformers model's checkpoint records its architecture, so ``LLM``
+    serves it at any TP degree.
     """
-    from tpserve.parallel import broadcast_object, get_group, group_rank, group_size
-    from tpserve.parallel.agree import gather_agreed, raise_first
-
-    group = get_group(group if group is not None else getattr(model, "group", None))  # a native model knows its own
+    group = model_group(model, group)  # by default the model's own: the group its layers were cut over
     rank, tp = group_rank(group), group_size(group)
     final = Path(path).expanduser().absolute()
     tmp, err = None, None
@@ -240,31 +291,39 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     tmp, err = broadcast_object((tmp, err) if rank == 0 else None, 0, group)
     if err:
         raise_first([(0, err)], rank, CheckpointError, _KEEP)
-    # Each step's outcome travels with the gather that ends it (parallel.agree), so a failure on
-    # one rank is raised on all of them instead of leaving the others in the next collective.
     try:
-        shards, err = None, None
-        try:
-            shards = param_shards(model)
-        except Exception as exc:
-            err = _caught(exc)
-        layouts = gather_agreed(shards, err, group, CheckpointError, _KEEP)  # ownership decides the chunks
-        record, err = None, None
-        try:
-            params = dict(model.named_parameters())
-            entries = _entries(shards, rank, layout_ownership(layouts), lambda n: params[n].dtype)
-            record = _write_rank_file(Path(tmp) / rank_file_name(rank, tp), rank, tp, entries,
-                                      lambda e: _host_tensor(params[e.name]))
-        except Exception as exc:
-            err = _caught(exc)
-        records = gather_agreed(record, err, group, CheckpointError, _KEEP)
+        params = dict(model.named_parameters())
+        layouts, records = _write_agreed(Path(tmp), lambda: param_shards(model), params, rank, tp, group)
+        opt_meta = None
+        if optimizer is not None:
+            state, err = ({}, {}, None), None
+            try:
+                state = optimizer_state(model, optimizer)
+            except Exception as exc:
+                err = _caught(exc)
+            gather_agreed(None, err, group, CheckpointError, _KEEP)
+            tensors, opt_shards, opt_meta = state
+            if tensors:
+                opt_layouts, opt_records = _write_agreed(Path(tmp) / OPTIMIZER_DIR, lambda: opt_shards, tensors, rank,
+                                                         tp, group)
         err = None
         if rank == 0:
             try:
-                quantized = getattr(model, "quantization", None) == "int8"
-                _write_manifest_and_publish(Path(tmp), final, getattr(model, "source_path", None),
+                if opt_meta is not None:
+                    opt_dir = Path(tmp) / OPTIMIZER_DIR
+                    opt_dir.mkdir(exist_ok=True)
+                    if opt_meta["tensors"]:
+                        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                        text = dump_manifest(build_manifest({"optimizer": opt_meta["class"]}, tp, opt_layouts,
+                                                            opt_records, created, __version__))
+                        (opt_dir / MANIFEST_NAME).write_text(text)
+                        fsync_path(opt_dir / MANIFEST_NAME)
+                    write_meta(opt_dir, opt_meta)
+                    fsync_path(opt_dir)
+                native = getattr(model, "source_path", None)
+                _write_manifest_and_publish(Path(tmp), final, native or _pretrained_dir(model),
                                             getattr(model, "config", None), layouts, records, overwrite,
-                                            {"quantization_config": INT8_CONFIG} if quantized else None)
+                                            _saved_config_updates(model), live_config=native is None)
             except Exception as exc:
                 err = _caught(exc)
         err = broadcast_object(err if rank == 0 else None, 0, group)
@@ -275,8 +334,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
 
 
 # ---- converting

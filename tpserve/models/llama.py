@@ -146,6 +146,12 @@ def _kv_of_q(spec: Spec, tp: int, rank: int) -> list[int]:
     return [qh // group_size - kv0 for qh in range(q0, q1)]
 
 
+def _kv_heads_shared(spec: Spec, tp: int) -> bool:
+    """Whether any KV head is held by more than one rank (the same answer on every rank)."""
+    held = [kv for r in range(tp) for kv in range(*head_ranges(spec.num_heads, spec.num_kv_heads, tp, r)[1])]
+    return len(held) != len(set(held))
+
+
 class Attention(nn.Module):
     def __init__(self, spec: Spec, group: dist.ProcessGroup, device=None, dtype=None) -> None:
         super().__init__()
@@ -155,8 +161,12 @@ class Attention(nn.Module):
         self.head_dim, self.num_local_heads, self.num_local_kv = hd, q1 - q0, kv1 - kv0
         kw = dict(group=group, device=device, dtype=dtype, init=False)
         self.q_proj = ColumnParallelLinear(h, spec.num_heads * hd, spec.qkv_bias, out_range=(q0 * hd, q1 * hd), **kw)
-        self.k_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd), **kw)
-        self.v_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd), **kw)
+        # a KV head that several ranks hold gets each one's share of its gradient (training)
+        shared = _kv_heads_shared(spec, tp)
+        self.k_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd),
+                                           rows_shared=shared, **kw)
+        self.v_proj = ColumnParallelLinear(h, spec.num_kv_heads * hd, spec.qkv_bias, out_range=(kv0 * hd, kv1 * hd),
+                                           rows_shared=shared, **kw)
         self.o_proj = RowParallelLinear(spec.num_heads * hd, h, spec.o_bias, unit=hd, **kw)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, device, dtype)

@@ -22,6 +22,8 @@ from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Voc
 from .parallelize import DistributedModelWrapper, infer_plan, parallelize
 from .partition import PartitionError, head_ranges, partition_range, partition_sizes
 from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
+from .rng import manual_seed, sharded_region
+from .training import check_replicated_grads, clip_grad_norm_, grad_norm
 
 __all__ = [
     "CommError", "all_gather", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object", "broadcast_tensor",
@@ -32,4 +34,5 @@ __all__ = [
     "DistributedModelWrapper", "infer_plan", "parallelize",
     "PartitionError", "head_ranges", "partition_range", "partition_sizes",
     "copy_to_tp_region", "gather_from_tp_region", "reduce_from_tp_region", "scatter_to_tp_region",
+    "manual_seed", "sharded_region", "check_replicated_grads", "clip_grad_norm_", "grad_norm",
 ]

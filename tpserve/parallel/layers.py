@@ -9,6 +9,7 @@ a lazy safetensors slice: only this rank's rows or columns are read from it.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -18,7 +19,13 @@ from torch import nn
 
 from . import comm, matvec
 from .partition import partition_range, partition_sizes
-from .regions import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region, scatter_to_tp_region
+from .regions import (
+    copy_to_tp_region,
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    scatter_to_tp_region,
+    sum_shared_rows,
+)
 
 
 def _shape_of(full) -> tuple[int, ...]:
@@ -106,6 +113,14 @@ class _TPModule(nn.Module):
         self.tp_rank = comm.group_rank(self.group)
         self.tp_size = comm.group_size(self.group)
 
+    def __deepcopy__(self, memo: dict) -> "_TPModule":
+        """A copy with its own tensors over the same process group (a group cannot be copied)."""
+        memo.setdefault(id(self.group), self.group)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
         """``(dim, start, end, full_size)``: which slice of the full tensor ``param`` holds
         (``dim`` None: all of it). The one place each layer states how it is cut; loading,
@@ -136,12 +151,16 @@ class ColumnParallelLinear(_TPModule):
 
     ``unit`` keeps whole attention heads together; ``out_range`` overrides this rank's rows
     (used for KV heads that several ranks share), in which case the output cannot be gathered.
+    ``rows_shared``: some ranks' ``out_range`` overlap (the caller knows every rank's, and says
+    so on all of them), so in training each row's gradient is summed over the ranks holding it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False, *,
                  unit: int = 1, out_range: tuple[int, int] | None = None, group: dist.ProcessGroup | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, init: bool = True,
+                 rows_shared: bool = False) -> None:
         super().__init__(group)
+        self.rows_shared = rows_shared
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         what = f"out_features of ColumnParallelLinear({in_features}, {out_features})"
         self.out_sizes = partition_sizes(out_features, self.tp_size, unit, what)
@@ -165,7 +184,11 @@ class ColumnParallelLinear(_TPModule):
         return 0, self.out_start, self.out_end, self.out_features  # weight, bias and int8 scales: by row
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
-        y = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, self.weight_scale)
+        weight, bias = self.weight, self.bias
+        if self.rows_shared and torch.is_grad_enabled() and weight.requires_grad:  # training only
+            weight = sum_shared_rows(weight, self.out_start, self.out_features, self.group)
+            bias = None if bias is None else sum_shared_rows(bias, self.out_start, self.out_features, self.group)
+        y = linear(copy_to_tp_region(x, self.group), weight, bias, self.weight_scale)
         if self.gather_output if gather_output is None else gather_output:
             y = gather_from_tp_region(y, self.out_sizes, -1, self.group)
         return y

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm
+from . import comm, rng
 from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .partition import PartitionError
 
@@ -150,6 +150,17 @@ def _resolve(model: nn.Module, plan: dict[str, str], strict: bool) -> dict[str, 
     return styles
 
 
+def _split_tied_embeddings(model: nn.Module, styles: dict[str, str]) -> None:
+    """An embedding the plan leaves whole but whose weight a vocabulary-split head shares (tied
+    embeddings; transformers' plans split only the head) is split the same way, so the two stay
+    one parameter: left whole, its copy would get none of the head's gradient in training."""
+    heads = {id(m.weight) for n, m in model.named_modules()
+             if styles.get(n) in ("colwise_gather", "vocab") and isinstance(m, nn.Linear)}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and name not in styles and id(mod.weight) in heads:
+            styles[name] = "vocab"
+
+
 def _head_dim(parent: nn.Module) -> int | None:
     hd = getattr(parent, "head_dim", None)
     return hd if isinstance(hd, int) and hd > 0 else None
@@ -163,6 +174,11 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, group: dis
     names are accepted too. Without a plan, a transformers model's declared tp_plan is used,
     else one is inferred. Linears inside a module with ``head_dim`` are split by whole heads,
     and that module's head-count attributes are set to this rank's counts.
+
+    In training mode, random draws between a module's column-parallel layers and its
+    row-parallel one (attention dropout, say) come from each rank's own stream, and all others
+    from the stream every rank shares (``tpserve.parallel.rng``; seed both with
+    ``tpserve.parallel.manual_seed``).
     """
     group = comm.get_group(group)
     tp = comm.group_size(group)
@@ -170,8 +186,10 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, group: dis
     if plan is None:
         plan = transformers_plan(model) or infer_plan(model)
     styles = _resolve(model, plan, strict)
+    _split_tied_embeddings(model, styles)
     shared: dict[tuple[int, int, int], nn.Parameter] = {}
     head_parents: dict[str, nn.Module] = {}
+    regions: dict[str, tuple[nn.Module, list[nn.Module], list[nn.Module]]] = {}  # sharded activations inside
     for name, style in styles.items():
         if style == "replicate":
             continue
@@ -205,10 +223,13 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, group: dis
                 head_parents[parent_name] = parent
             new = ColumnParallelLinear.from_dense(dense, gather_output=style == "colwise_gather", unit=unit, group=group)
             rows = (new.out_start, new.out_end)
+            if style == "colwise":
+                regions.setdefault(parent_name, (parent, [], []))[1].append(new)
         else:
             unit = hd if hd and dense.in_features % hd == 0 else 1
             new = RowParallelLinear.from_dense(dense, input_is_parallel=True, unit=unit, group=group)
             rows = None
+            regions.setdefault(parent_name, (parent, [], []))[2].append(new)
         if rows is not None:  # keep tied weights tied when both sides are cut the same way
             key = (id(dense.weight), *rows)
             if key in shared:
@@ -216,6 +237,9 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, group: dis
             else:
                 shared[key] = new.weight
         setattr(parent, leaf, new)
+    for parent, opens, closes in regions.values():  # dropout there draws from each rank's own stream
+        if opens:
+            rng.mark_regions(parent, opens, closes, group)
     for parent in head_parents.values():
         for attr in _HEAD_ATTRS:
             value = getattr(parent, attr, None)

@@ -74,6 +74,30 @@ class _ScatterToTP(torch.autograd.Function):
         return comm.all_gather(grad, ctx.dim, ctx.group, ctx.sizes), None, None, None
 
 
+class _SumSharedRows(torch.autograd.Function):
+    """Identity on a parameter whose rows ``start .. start+len`` other ranks hold too (KV heads
+    shared when TP exceeds their count); backward sums each row's gradient over every rank that
+    holds it, so each copy gets the dense model's gradient, not its own heads' part of it."""
+
+    @staticmethod
+    def forward(ctx, w, start, full_rows, group):
+        ctx.start, ctx.full_rows, ctx.group = start, full_rows, group
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros((ctx.full_rows, *grad.shape[1:]))
+        full[ctx.start:ctx.start + grad.shape[0]] = grad
+        comm.all_reduce_sum(full, ctx.group)
+        return full[ctx.start:ctx.start + grad.shape[0]], None, None, None
+
+
+def sum_shared_rows(w: torch.Tensor, start: int, full_rows: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``w`` as it is, its gradient summed over the ranks holding the same rows (see ``_SumSharedRows``)."""
+    group = comm.get_group(group)
+    return _SumSharedRows.apply(w, start, full_rows, group) if comm.group_size(group) > 1 and _tracked(w) else w
+
+
 def _tracked(x: torch.Tensor) -> bool:
     """Whether autograd must see this step: without a gradient to carry, each mapping is just
     its forward collective (the Function machinery costs ~30 us a call, 150 calls a decode step)."""
