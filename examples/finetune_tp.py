@@ -1,12 +1,14 @@
-"""Fine-tune a transformers Llama with tensor parallelism, save it, then serve what it saved.
+"""Fine-tune a Llama-family model with tensor parallelism, save it, then serve what it saved.
 
     torchrun --standalone --nproc-per-node 2 examples/finetune_tp.py --out /tmp/tuned
     tpserve generate --model /tmp/tuned --tp 2 "The capital of France is"
 
-Every rank loads the same dense model, ``parallelize`` keeps its own shard, and the rest is a
-plain PyTorch loop: AdamW works on the shards unchanged; only gradient clipping must know the
-cut (``tpserve.parallel.clip_grad_norm_``: torch's sees one rank's shards). ``save_checkpoint``
-writes a tpserve checkpoint that ``LLM`` / ``tpserve`` load at any TP degree.
+Each rank loads only its shard of tpserve's own model (which splits any head count, SmolLM2's
+9 heads at TP=2 included), and the rest is a plain PyTorch loop: AdamW works on the shards
+unchanged; only gradient clipping must know the cut (``tpserve.parallel.clip_grad_norm_``:
+torch's sees one rank's shards). ``save_checkpoint`` writes a tpserve checkpoint that ``LLM`` /
+``tpserve`` load at any TP degree. A ``parallelize()``d transformers model trains the same way
+(README, Training) where TP divides its head counts.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 
-from tpserve import save_checkpoint
-from tpserve.parallel import broadcast_object, clip_grad_norm_, group_rank, init_distributed, manual_seed, parallelize
+from tpserve import load_model, save_checkpoint
+from tpserve.parallel import broadcast_object, clip_grad_norm_, group_rank, init_distributed, manual_seed
 
 TEXT = [
     "The capital of France is Paris, a city on the Seine.",
@@ -27,6 +30,17 @@ TEXT = [
     "The capital of Italy is Rome, a city on the Tiber.",
     "The capital of Austria is Vienna, a city on the Danube.",
 ]
+
+
+def batch(model, tokenizer) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """The lines flattened into one row of tokens, as tpserve's model takes them (no padding):
+    each line attends only to itself, and each token's target is the next one of its line."""
+    lines = [tokenizer(t)["input_ids"] for t in TEXT]
+    ids = torch.tensor([i for line in lines for i in line])
+    step = model.make_step([p for line in lines for p in range(len(line))],
+                           chunks=[(len(line), len(line), None) for line in lines])
+    targets = torch.tensor([t for line in lines for t in line[1:] + [-100]])
+    return ids, step, targets
 
 
 def main() -> None:
@@ -49,20 +63,15 @@ def main() -> None:
         path = broadcast_object(str(default_model_path()) if rank == 0 else None, 0, group)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    batch = tokenizer(TEXT, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    torch.manual_seed(args.seed)  # the same dense model on every rank before it is cut
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    parallelize(model, group=group)
-    manual_seed(args.seed, group)  # dropout: replicated regions alike on every rank, shards apart
-    model.train()
+    model = load_model(path, dtype="float32", group=group, progress=rank == 0)  # this rank's shard only
+    model.train().requires_grad_(True)
+    manual_seed(args.seed, group)  # dropout, if any: replicated regions alike on every rank, shards apart
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    ids, step_info, targets = batch(model, tokenizer)
 
     for step in range(args.steps):
         opt.zero_grad()
-        loss = model(**batch, labels=labels).loss
+        loss = F.cross_entropy(model(ids, step_info), targets, ignore_index=-100)
         loss.backward()
         norm = clip_grad_norm_(model, 1.0)
         opt.step()

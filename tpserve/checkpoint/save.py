@@ -229,12 +229,11 @@ def _saved_config_updates(model: nn.Module) -> dict:
     if getattr(model, "quantization", None) == "int8":
         updates["quantization_config"] = INT8_CONFIG
     config = getattr(model, "config", None)
-    if config is not None and getattr(model, "source_path", None) is None:
-        if not getattr(config, "architectures", None):
-            updates["architectures"] = [type(model).__name__]
-        floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
-        if floats:
-            updates["torch_dtype"] = updates["dtype"] = DTYPE_NAME[floats[0]]
+    if config is not None and getattr(model, "source_path", None) is None and not getattr(config, "architectures", None):
+        updates["architectures"] = [type(model).__name__]
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    if floats:  # what the files hold, whatever the source said (a model trained or loaded in float32)
+        updates["torch_dtype"] = updates["dtype"] = DTYPE_NAME[floats[0]]
     return updates
 
 
