@@ -321,10 +321,22 @@ def test_resume_continues_identically_at_any_degree(tp_run, tmp_path):
     saved = tp_run(2, check_save_midway, path)[0]
     assert_runs_match(saved["rest"], (want[0][3:], want[1][3:]), 1e-5, "uninterrupted")
     assert (tmp_path / "step-3" / "optimizer" / "optimizer.json").is_file()
+    from tpserve.checkpoint.safetensors_io import CheckpointError
+    from tpserve.models.convert import verify
+
+    assert verify(path)["optimizer_tensors"] > 0  # verify checks the optimizer's files too
     same = tp_run(2, check_resume, path)[0]
     assert same == saved["rest"], "resumed at the same degree, the run must continue exactly"
     other = tp_run(3, check_resume, path)[0]
     assert_runs_match(other, saved["rest"], 1e-5, "resumed at TP=3")
+    rank_file = next((tmp_path / "step-3" / "optimizer").glob("rank-00001-*"))
+    data = bytearray(rank_file.read_bytes())
+    data[-3] ^= 0xFF
+    rank_file.write_bytes(data)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify(path)
+    with pytest.raises(Exception, match="checksum mismatch"):  # and a resume refuses it, on every rank
+        tp_run(2, check_resume, path)
 
     from tpserve import LLM
 

@@ -275,7 +275,8 @@ def _verify(path: str) -> None:
 
     t0 = time.perf_counter()
     summary = verify(path)
-    print(f"ok {summary['path']}: {summary['files']} rank files, {summary['tensors']} tensors, "
+    extra = f" (+{summary['optimizer_tensors']} of optimizer state)" if "optimizer_tensors" in summary else ""
+    print(f"ok {summary['path']}: {summary['files']} rank files, {summary['tensors']} tensors{extra}, "
           f"{summary['bytes'] / 1e6:.1f} MB, every checksum matches ({time.perf_counter() - t0:.1f} s)")
 
 

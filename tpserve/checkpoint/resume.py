@@ -28,10 +28,9 @@ from tpserve.utils.fs import fsync_path
 from .load import _fill, _open_rank, load_sharded_weights, plan_reads
 from .manifest import read_manifest
 from .safetensors_io import CheckpointError
-from .sharded import _caught
+from .sharded import OPTIMIZER_DIR, _caught
 from .verify import resolve_checkpoint
 
-OPTIMIZER_DIR = "optimizer"
 OPTIMIZER_META = "optimizer.json"
 _INTS = {"int64": torch.int64, "int32": torch.int32}
 

@@ -46,7 +46,7 @@ from .manifest import (
     rank_file_name,
     read_manifest,
 )
-from .resume import OPTIMIZER_DIR, optimizer_state, write_meta
+from .resume import optimizer_state, write_meta
 from .safetensors_io import CheckpointError, _bytes_view, open_checkpoint
 from .sharded import (
     _CRC,
@@ -54,6 +54,7 @@ from .sharded import (
     _WRITE_STEP,
     AUX_PATTERNS,
     DATA_ALIGN,
+    OPTIMIZER_DIR,
     _caught,
     crc32,
     is_checkpoint,

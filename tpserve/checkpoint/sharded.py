@@ -29,6 +29,7 @@ except ImportError:
     CRC32_IMPL = "zlib"
 
 # Files that travel with the weights, copied from the source directory when present.
+OPTIMIZER_DIR = "optimizer"  # optimizer state saved beside the weights (checkpoint.resume)
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 DATA_ALIGN = 64  # the header is padded so tensor data starts here: mmap'd shards are aligned for their dtype

@@ -14,7 +14,7 @@ from .manifest import (
     read_manifest,
 )
 from .safetensors_io import CheckpointError, _bytes_view
-from .sharded import _READ_STEP, crc32, is_checkpoint
+from .sharded import _READ_STEP, OPTIMIZER_DIR, crc32, is_checkpoint
 
 
 def _check_expected(manifest: Manifest, expected: dict[str, tuple[int, ...]]) -> None:
@@ -45,6 +45,19 @@ def verify(path: str | os.PathLike, expected: dict[str, tuple[int, ...]] | None 
         raise CheckpointError(f"{path / 'config.json'}: missing; copy it back from the model the checkpoint came from")
     if expected is not None:
         _check_expected(manifest, expected)
+    _verify_files(manifest)
+    summary = {"path": str(path), "tp": manifest.tp, "files": manifest.tp, "tensors": len(manifest.tensors),
+               "bytes": sum(f.size for f in manifest.files)}
+    if (path / OPTIMIZER_DIR / MANIFEST_NAME).is_file():  # optimizer state saved beside the weights
+        opt = read_manifest(path / OPTIMIZER_DIR)
+        _verify_files(opt)
+        summary["optimizer_tensors"] = len(opt.tensors)
+        summary["bytes"] += sum(f.size for f in opt.files)
+    return summary
+
+
+def _verify_files(manifest: Manifest) -> None:
+    """Every rank file's presence, size, header, every chunk's CRC and the whole file's CRC."""
     files = {r: _open_rank(manifest, r) for r in range(manifest.tp)}
     for r, f in files.items():
         held = sorted(((t, s) for t in manifest.tensors.values() for s in t.shards if s.rank == r),
@@ -58,8 +71,6 @@ def verify(path: str | os.PathLike, expected: dict[str, tuple[int, ...]] | None 
         if crc != manifest.files[r].crc32:
             raise CheckpointError(f"{f.path}: file checksum mismatch outside tensor data (header): crc32 {crc:08x}, "
                                   f"manifest {manifest.files[r].crc32:08x}; restore it or re-save the checkpoint")
-    return {"path": str(path), "tp": manifest.tp, "files": manifest.tp, "tensors": len(manifest.tensors),
-            "bytes": sum(f.size for f in manifest.files)}
 
 
 # ---- training roots
