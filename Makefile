@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 
 VLLM_VENV ?= .venv-vllm
 LMEVAL_VENV ?= .venv-lmeval
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_VERSION ?= 0.3.36
 
-.PHONY: setup demo test bench vllm-venv lmeval-venv clean
+.PHONY: setup demo test bench vllm-venv lmeval-venv llamacpp-venv clean
 
 setup: $(STAMP)
 
@@ -57,6 +59,17 @@ $(LMEVAL_VENV)/.installed:
 	$(LMEVAL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(LMEVAL_VENV)/bin/python -m pip install -q "lm-eval[api]==0.4.13" transformers accelerate
 	$(LMEVAL_VENV)/bin/lm_eval --help > /dev/null
+	touch $@
+
+# llama.cpp through llama-cpp-python, built from source in a venv of its own: the quantized-CPU
+# anchor of benchmarks/generate.py --llama-cpp (the default model's GGUF file, same threads)
+llamacpp-venv: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed:
+	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMACPP_VENV)/bin/python -m pip install -q llama-cpp-python==$(LLAMACPP_VERSION)
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp"
 	touch $@
 
 clean:

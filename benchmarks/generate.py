@@ -19,6 +19,11 @@ configuration runs R times, interleaved (TP=1, TP=2, TP=1, TP=2, ...), and "vs T
 median over rounds of each round's ratio to that round's TP=1, so slow minutes of a shared
 machine hit both sides alike. The "16 rows" column is decode tok/s of 16 prompts at once.
 
+--dtype q4 runs 4-bit weights in groups of 32: a GGUF model's own Q4_0 / Q4_1 blocks (the default
+model's), any other model quantized at load. --llama-cpp adds llama.cpp (``make llamacpp-venv``:
+llama-cpp-python built from source in ``.venv-llamacpp``) on the GGUF file (--gguf, default: the
+default model's) with all cores, through ``llamacpp_row.py``, as the quantized-CPU anchor.
+
 --vllm-tp adds vLLM's CPU build (``make vllm-venv``: its own venv, ``.venv-vllm``) at those TP
 degrees, in the same rounds, through ``vllm_row.py``; a configuration it cannot run (no venv,
 heads that do not divide) is reported as skipped, with its reason. --plot writes decode tok/s
@@ -90,13 +95,13 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
 
 
 def engine_dtype(dtype: str) -> tuple[str, str | None]:
-    """(LLM dtype, quantization) of a --dtype choice: int8 computes in bf16 where the CPU has
-    tpserve's AVX512-BF16 kernel, else in fp32."""
-    if dtype != "int8":
+    """(LLM dtype, quantization) of a --dtype choice: int8 and q4 compute in bf16 where the CPU
+    has tpserve's AVX512-BF16 kernel, else in fp32."""
+    if dtype not in ("int8", "q4"):
         return dtype, None
     from tpserve.parallel import matvec
 
-    return ("bfloat16" if matvec.native_bf16() else "float32"), "int8"
+    return ("bfloat16" if matvec.native_bf16() else "float32"), dtype
 
 
 def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,
@@ -140,6 +145,26 @@ def bench_transformers(path, prompt: list[int], new: int, reps: int, dtype: torc
 
 
 VLLM_ROW = Path(__file__).with_name("vllm_row.py")
+LLAMACPP_ROW = Path(__file__).with_name("llamacpp_row.py")
+
+
+def bench_llamacpp(python: Path, gguf_file: Path, prompt_len: int, new: int,
+                   reps: int) -> tuple[float, float, None, float] | str:
+    """llama.cpp's (prefill, decode tok/s, None, first call s) with all of this process's cores,
+    or why it could not run."""
+    if not python.exists():
+        return f"no llama-cpp-python venv at {python} (make llamacpp-venv)"
+    cmd = [str(python), str(LLAMACPP_ROW), str(gguf_file), "--threads", str(len(os.sched_getaffinity(0))),
+           "--prompt-len", str(prompt_len), "--new", str(new), "--reps", str(reps)]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "timed out after 600 s"
+    for line in run.stdout.splitlines():
+        if line.startswith("LLAMACPP_ROW "):
+            r = json.loads(line.removeprefix("LLAMACPP_ROW "))
+            return r["prefill"], r["decode"], None, r["first"]
+    return f"exit code {run.returncode}: {(run.stderr.strip().splitlines() or ['no output'])[-1][-300:]}"
 
 
 def bench_vllm(python: Path, path: Path, tp: int, prompt_len: int, new: int, reps: int,
@@ -193,8 +218,8 @@ def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
 def bytes_per_token(path, dtype: str) -> int:
     """Weight bytes one decoded token reads in ``dtype`` (a --dtype choice): all of them, but
     only one row of an untied input embedding (a tied one is read whole as the LM head). int8
-    reads one byte per linear weight (and a scale per row), the embedding and head in its
-    compute dtype."""
+    reads one byte per linear weight (and a scale per row), q4 half a byte (and a float16 scale
+    and min per 32), the embedding and head in their compute dtype."""
     from tpserve.checkpoint.safetensors_io import open_checkpoint
 
     refs = open_checkpoint(path)
@@ -204,8 +229,11 @@ def bytes_per_token(path, dtype: str) -> int:
         n = math.prod(r.shape)
         if name == "model.embed_tokens.weight" and "lm_head.weight" in refs:
             n = r.shape[1]
-        linear = dtype == "int8" and name.endswith("proj.weight")
-        total += n + 4 * r.shape[0] if linear else n * compute
+        linear = dtype in ("int8", "q4") and name.endswith("proj.weight")
+        if linear and dtype == "q4":  # half a byte a weight, a float16 scale and min per 32
+            total += n // 2 + 4 * (n // 32)
+        else:
+            total += n + 4 * r.shape[0] if linear else n * compute
     return total
 
 
@@ -218,14 +246,19 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="run every tpserve configuration this often, interleaved")
-    parser.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "int8"],
-                        help="each runs at every TP degree (int8: int8 weights, bf16 or fp32 compute)")
+    parser.add_argument("--dtype", nargs="*", default=["float32"], choices=["float32", "bfloat16", "int8", "q4"],
+                        help="each runs at every TP degree (int8, q4: quantized weights, bf16 or fp32 compute)")
     parser.add_argument("--compile-tp", type=int, nargs="*", default=[1],
                         help="TP degrees to run again with compile=True (torch.compile'd decode step)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--vllm-tp", type=int, nargs="*", default=[], help="TP degrees to run vLLM's CPU build at")
     parser.add_argument("--vllm-python", type=Path, default=Path(".venv-vllm/bin/python"),
                         help="the python of vLLM's venv")
+    parser.add_argument("--llama-cpp", action="store_true", help="add llama.cpp on the GGUF file")
+    parser.add_argument("--llama-cpp-python", type=Path, default=Path(".venv-llamacpp/bin/python"),
+                        help="the python of llama-cpp-python's venv")
+    parser.add_argument("--gguf", type=Path, default=None, help="the GGUF file for llama.cpp (default: the default "
+                                                                 "model's)")
     parser.add_argument("--plot", type=Path, default=None, help="write decode tok/s against TP degree to this PNG")
     args = parser.parse_args()
 
@@ -243,24 +276,38 @@ def main() -> None:
     threads = torch.get_num_threads()
     rows = []
     first = args.dtype[0]
-    if not args.no_transformers and first != "int8":
+    if not args.no_transformers and first not in ("int8", "q4"):
         (prefill, decode), bw = _with_bandwidth(
             lambda: bench_transformers(path, prompt, args.new, args.reps, getattr(torch, first)), per_token[first])
         rows.append(("transformers generate", first, 1, [(prefill, decode, None, None, bw)]))
     configs = [(d, tp, c) for d in args.dtype for c in (False, True) for tp in (args.compile_tp if c else args.tp)]
     runs: dict = {c: [] for c in configs}
     vllm_runs: dict[int, list] = {tp: [] for tp in args.vllm_tp}
+    llamacpp_runs: list = []
+    gguf_file = args.gguf
+    if args.llama_cpp and gguf_file is None:
+        from tpserve.checkpoint.default_model import find_default_gguf
+
+        gguf_file = find_default_gguf()
     skipped: dict[int, str] = {}
     for _ in range(args.rounds):
         for dtype, tp, compiled in configs:
             out, bw = _with_bandwidth(lambda: bench_tpserve(args.model, tp, prompt, args.new, args.reps, compiled,
                                                             dtype), per_token[dtype], tp)
             runs[(dtype, tp, compiled)].append((*out, bw))
+        if args.llama_cpp and "llama.cpp" not in skipped:
+            out, bw = _with_bandwidth(lambda: bench_llamacpp(args.llama_cpp_python, gguf_file, args.prompt_len,
+                                                             args.new, args.reps), per_token.get("q4", per_token[first]))
+            if isinstance(out, str):
+                skipped["llama.cpp"] = out
+                print(f"llama.cpp skipped: {out}", flush=True)
+            else:
+                llamacpp_runs.append((*out, bw))
         for tp in args.vllm_tp:
             if tp in skipped:
                 continue
             out, bw = _with_bandwidth(lambda: bench_vllm(args.vllm_python, path, tp, args.prompt_len, args.new,
-                                                         args.reps, "bfloat16" if first == "int8" else first),
+                                                         args.reps, "bfloat16" if first in ("int8", "q4") else first),
                                       per_token[first], tp)
             if isinstance(out, str):
                 skipped[tp] = out
@@ -269,9 +316,11 @@ def main() -> None:
                 vllm_runs[tp].append((*out, bw))
     for (dtype, tp, compiled), results in runs.items():
         rows.append(("tpserve --compile" if compiled else "tpserve", dtype, tp, results))
+    if llamacpp_runs:
+        rows.append(("llama.cpp", "q4" if "q4" in per_token else first, 1, llamacpp_runs))
     for tp, results in vllm_runs.items():
         if results:
-            rows.append(("vLLM CPU", "bfloat16" if first == "int8" else first, tp, results))
+            rows.append(("vLLM CPU", "bfloat16" if first in ("int8", "q4") else first, tp, results))
     weights = ", ".join(f"{d} {b / 1e6:.0f} MB" for d, b in per_token.items())
     print(f"\nmodel {path.name}: weights read per decoded token: {weights} "
           f"({threads} threads, prompt {args.prompt_len} tokens, {args.new} new tokens, {args.rounds} round(s))")
@@ -287,7 +336,7 @@ def main() -> None:
         many = med(r[2] for r in results) if results[0][2] is not None else None
         first_call = results[0][3]
         compiled = name.endswith("--compile")
-        one = vllm_runs.get(1) if name == "vLLM CPU" else runs.get((dtype, 1, compiled))
+        one = vllm_runs.get(1) if name == "vLLM CPU" else None if name == "llama.cpp" else runs.get((dtype, 1, compiled))
         ratios = ["", "", ""]
         if name != "transformers generate" and one:
             ratios = [f"{med(r[i] / o[i] for r, o in zip(results, one)):.2f}x" for i in (1, 0, 2)]
@@ -298,7 +347,13 @@ def main() -> None:
               f"{bw:>11.1f}{decode / (bw * 1e9 / per_token[dtype]):>13.0%}{vs:>17}{ratios[0]:>16}{ratios[1]:>17}"
               f"{ratios[2]:>17}{vs_fp32:>16}{'' if first_call is None else f'{first_call:.1f}':>14}")
     for tp, why in skipped.items():
-        print(f"vLLM CPU TP={tp}: skipped ({why})")
+        print(f"{tp}: skipped ({why})" if tp == "llama.cpp" else f"vLLM CPU TP={tp}: skipped ({why})")
+    for dtype in args.dtype:
+        ours = runs.get((dtype, 1, False))
+        if llamacpp_runs and ours:
+            print(f"tpserve {dtype} TP=1 / llama.cpp ({gguf_file.name}, {threads} threads): decode "
+                  f"{med(r[1] for r in ours) / med(r[1] for r in llamacpp_runs):.2f}x, "
+                  f"prefill {med(r[0] for r in ours) / med(r[0] for r in llamacpp_runs):.2f}x")
     for tp, theirs in vllm_runs.items():
         for dtype in args.dtype:
             ours = runs.get((dtype, tp, False))

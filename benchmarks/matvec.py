@@ -1,5 +1,5 @@
 """GB/s of weights streamed by a product of a few rows with a weight, for each way of computing
-it on CPU: the question behind bf16 and int8 decode (issue 14).
+it on CPU: the question behind bf16, int8 and 4-bit decode (issue 14).
 
     .venv/bin/python benchmarks/matvec.py [--rows 1 4 16] [--n 5632 --k 1024 --count 24] [--compile]
 
@@ -29,6 +29,18 @@ def timed(fn, reps: int) -> float:
     return median_time(fn, reps)
 
 
+def _int4pack(qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same 4-bit groups in torch's own CPU int4 layout: w = (q - 8) * scale + zero."""
+    from tpserve.parallel import matvec
+
+    n = qweight.shape[0]
+    values = ((matvec.dequantize_q4(qweight, scale, minv) - minv.float().repeat_interleave(32, 1))
+              / scale.float().clamp(min=1e-8).repeat_interleave(32, 1)).round().to(torch.int32)
+    zeros = minv.float() + 8 * scale.float()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.reshape(n, -1), 1)
+    return packed, torch.stack([scale.float(), zeros], -1).transpose(0, 1).contiguous().bfloat16()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16])
@@ -46,6 +58,8 @@ def main() -> None:
     w32 = [torch.randn(n, k) * 0.02 for _ in range(count)]
     w16 = [w.bfloat16() for w in w32]
     q8 = [matvec.quantize_rows(w) for w in w32]
+    q4 = [matvec.quantize_q4(w) for w in w32]
+    int4 = [_int4pack(*q) for q in q4]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in w16] if torch.backends.mkldnn.is_available() else None
     ext = matvec.extension()
     buffer = torch.ones(count * n * k // 2)  # the bf16 weights' bytes, in fp32
@@ -75,6 +89,11 @@ def main() -> None:
             torch.ops.aten._weight_int8pack_mm(x16, q, s.bfloat16()) for q, s in q8]
         if ext is not None:
             yield "int8 tpserve kernel, bf16 x", 1, lambda: [ext.int8_linear(x16, q, s, None, False) for q, s in q8]
+        yield "int4 _weight_int4pack_mm_for_cpu (group 32), bf16 x", 0.625, lambda: [
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x16, p, 32, sz) for p, sz in int4]
+        if ext is not None:
+            yield "q4 tpserve kernel (GGUF Q4 groups), bf16 x", 0.625, lambda: [
+                ext.q4_linear(x16, *q, None, False) for q in q4]
         yield "int8 dequantized to bf16, then F.linear", 1, lambda: [
             F.linear(x16, q.to(torch.bfloat16) * s.bfloat16()[:, None]) for q, s in q8]
         if args.compile:

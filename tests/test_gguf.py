@@ -205,12 +205,14 @@ def _tiny_tokens() -> list[str]:
     return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(), "he", "hel", "ĠĠ"]
 
 
-def write_tiny_gguf(path: Path, *, odd_tensor: tuple[str, gguf.GGMLQuantizationType] | None = None
-                    ) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path: Path, *, odd_tensor: tuple[str, gguf.GGMLQuantizationType] | None = None,
+                    linear_type: gguf.GGMLQuantizationType | None = None) -> dict[str, np.ndarray]:
     """A 2-layer llama GGUF with random weights; returns the HF-layout weights it encodes.
 
     q/k are stored permuted the llama.cpp way and in F32, so un-permuting must give them back
-    exactly; the embedding is Q8_0 to exercise a quantized path.
+    exactly; the embedding is Q8_0 to exercise a quantized path. ``linear_type`` stores the
+    layers' linear weights in that type instead (the returned weights are then the originals,
+    before quantization).
     """
     rng = np.random.default_rng(0)
     tokens = _tiny_tokens()
@@ -245,6 +247,9 @@ def write_tiny_gguf(path: Path, *, odd_tensor: tuple[str, gguf.GGMLQuantizationT
             block, nbytes = gguf.GGML_QUANT_SIZES[odd_tensor[1]]
             raw = np.zeros((shape[0], shape[1] // block * nbytes), np.uint8)
             w.add_tensor(gguf_name, raw, raw_dtype=odd_tensor[1])
+        elif linear_type is not None and gguf_name.startswith("blk.") and len(shape) == 2:
+            data = value if stored is None else stored(value)
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, linear_type), raw_dtype=linear_type)
         else:
             w.add_tensor(gguf_name, value if stored is None else stored(value))
 
@@ -478,3 +483,40 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert dm.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("TPSERVE_CACHE")
     assert dm.cache_dir() == Path.home() / ".cache" / "tpserve"
+
+
+@pytest.mark.parametrize("kind", [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1])
+def test_q4_layers_stay_4bit_and_equal_the_dequantized_file(tmp_path, kind):
+    """keep_q4 writes each Q4 layer's blocks as they are (Q/K rows un-permuted like the rest):
+    dequantized, they are exactly the dense conversion's float32 weights."""
+    from safetensors.torch import load_file
+
+    from tpserve.parallel import matvec
+
+    path = tmp_path / "q4.gguf"
+    write_tiny_gguf(path, linear_type=kind)
+    assert conv.keeps_q4(path)
+    dense = load_file(str(conv.convert_gguf(path, tmp_path / "dense") / "model.safetensors"))
+    out = conv.convert_gguf(path, tmp_path / "q4", torch.bfloat16, keep_q4=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "tpserve-q4" and config["torch_dtype"] == "bfloat16"
+    kept = load_file(str(out / "model.safetensors"))
+    linear = [n for n in dense if n.endswith("_proj.weight")]
+    assert len(linear) == 7 * LAYERS
+    for name in linear:
+        q, scale, minv = kept[name], kept[name + "_scale"], kept[name + "_min"]
+        assert q.dtype == torch.uint8 and scale.dtype == minv.dtype == torch.float16
+        assert torch.equal(matvec.dequantize_q4(q, scale, minv), dense[name]), name
+    assert torch.equal(kept["model.embed_tokens.weight"], dense["model.embed_tokens.weight"].bfloat16())
+
+
+def test_only_all_q4_files_stay_4bit(tmp_path, monkeypatch):
+    path = tmp_path / "f32.gguf"
+    write_tiny_gguf(path)  # float32 layers
+    assert not conv.keeps_q4(path)
+    with pytest.raises(ValueError, match="only Q4_0 / Q4_1 layers stay 4-bit"):
+        conv.convert_gguf(path, tmp_path / "out", keep_q4=True)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("TPSERVE_CACHE", str(tmp_path / "cache"))
+    # asked to keep 4-bit layers it has not got, the cache converts it dequantized
+    assert not dm.converted_gguf_path(path, keep_q4=True).name.endswith("-q4")

@@ -127,3 +127,73 @@ def test_partial_sums_come_back_in_float32():
     if matvec.available():
         assert int8.dtype == torch.float32
     torch.testing.assert_close(int8.float(), F.linear(x.float(), q.float() * scale[:, None]), rtol=1e-2, atol=1e-2)
+
+
+def _q4_reference(x: torch.Tensor, qweight, scale, minv) -> torch.Tensor:
+    """The kernel's own math in float64: activations quantized to int8 per group of 32, each
+    group's dot product exact, then its scale and min applied."""
+    rows, k = x.shape
+    g = x.float().reshape(rows, k // 32, 32)
+    amax = g.abs().amax(-1)  # rounded in float32 as the kernel rounds, so ties fall the same way
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # (127 / t is 127 * (1 / t) in torch)
+    xq = torch.round((g * inv[..., None]).clamp(-127, 127)).double()
+    dx = (amax / 127).double()
+    n, groups = scale.shape
+    q = qweight.reshape(n, groups, 16)
+    values = torch.cat([q & 15, q >> 4], -1).double()  # [n, groups, 32]
+    dots = torch.einsum("mgj,ngj->mng", xq, values)
+    sums = xq.sum(-1)  # [m, groups]
+    return (dots * scale.double()[None] * dx[:, None] + minv.double()[None] * (dx * sums)[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("n,k", [(37, 64), (64, 96), (5, 1024), (33, 160), (256, 576)])  # 2, 3, 32, 5, 18 groups
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_kernel_is_its_integer_math(rows, n, k, dtype):
+    if not matvec.available():
+        pytest.skip("no compiler: 4-bit weights multiply by a dequantized copy")
+    torch.manual_seed(rows * 100 + n + k)
+    qweight, scale, minv = matvec.quantize_q4(torch.randn(n, k))
+    x, b = torch.randn(rows, k).to(dtype), torch.randn(n)
+    with torch.inference_mode():
+        got = layers.linear(x, qweight, b, scale, minv=minv)
+        partial = layers.linear(x, qweight, None, scale, float_out=True, minv=minv)
+    ref = _q4_reference(x, qweight, scale, minv)
+    assert got.dtype == dtype and got.shape == (rows, n) and partial.dtype == torch.float32
+    torch.testing.assert_close(partial.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), ref + b.double(), rtol=tol, atol=tol * ref.abs().max().item())
+    # and the int8 activations cost little against the dequantized weight's float product
+    dense = F.linear(x.float(), matvec.dequantize_q4(qweight, scale, minv), b)
+    assert (got.float() - dense).abs().max() <= 0.03 * dense.abs().max()
+
+
+def test_q4_packing_round_trips_and_prefill_uses_the_dense_product():
+    torch.manual_seed(0)
+    w = torch.randn(40, 96) * torch.linspace(0.1, 2, 40)[:, None]
+    qweight, scale, minv = matvec.quantize_q4(w)
+    assert qweight.shape == (40, 48) and qweight.dtype == torch.uint8 and scale.shape == minv.shape == (40, 3)
+    dense = matvec.dequantize_q4(qweight, scale, minv)
+    assert (dense - w).abs().max() <= scale.float().max() * 0.51 + 1e-3  # within half a step (fp16 min/scale)
+    values = torch.randint(0, 16, (3, 64))
+    packed = matvec.pack_q4(values)
+    ones = torch.ones(3, 2, dtype=torch.float16)
+    assert torch.equal(matvec.dequantize_q4(packed, ones, ones * 0), values.float())
+    x = torch.randn(matvec.Q4_KERNEL_ROWS + 1, 96)  # prefill: one dequantized copy, float math
+    torch.testing.assert_close(matvec.q4_linear(x, qweight, scale, minv), F.linear(x, dense))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        matvec.quantize_q4(torch.randn(4, 40))
+
+
+def test_q4_kernel_inside_torch_compile():
+    if not matvec.available():
+        pytest.skip("no compiler")
+    torch._dynamo.reset()
+    qweight, scale, minv = matvec.quantize_q4(torch.randn(48, 64))
+
+    def f(x):
+        return layers.linear(x, qweight, None, scale, minv=minv)
+
+    x = torch.randn(2, 64).bfloat16()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

@@ -158,3 +158,80 @@ def test_convert_writes_bf16_shards_that_load_as_bf16(tmp_path):
         got = llm.logits(ids)[0]
     if llm.dtype == torch.bfloat16:
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same rounding of the same weights
+
+
+needs_kernel = pytest.mark.skipif(not matvec.available(), reason="no compiler: GGUF files are dequantized")
+
+
+@needs_kernel
+def test_the_default_model_runs_from_its_gguf_4bit_layers():
+    """dtype auto on CPU keeps the GGUF file's Q4_1 layers as they are: the model holds about
+    the file's bytes, not the ~540 MB of float32; an explicit dtype dequantizes."""
+    from tpserve.checkpoint.default_model import find_default_gguf
+
+    with LLM() as llm:
+        assert llm.model.quantization == "q4"
+        q = llm.model.model.layers[0].self_attn.q_proj
+        assert q.weight.dtype == torch.uint8 and q.weight_scale.dtype == torch.float16
+        unique = {t.data_ptr(): t for t in llm.model.parameters()}.values()  # the tied head counted once
+        held = sum(t.numel() * t.element_size() for t in unique)
+        assert held <= 1.3 * find_default_gguf().stat().st_size, held
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
+        assert "Paris" in out.text
+    with LLM(dtype="float32") as llm:
+        assert llm.model.quantization is None
+        assert llm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+@needs_kernel
+def test_gguf_4bit_nll_stays_close_to_the_dequantized_fp32(paragraph_ids):
+    ids, reference = paragraph_ids
+    with LLM() as llm:
+        assert llm.model.quantization == "q4"
+        got = _nll(llm, ids)
+    assert abs(got - reference) / reference <= 0.03, (got, reference)
+
+
+@needs_kernel
+def test_gguf_4bit_greedy_tokens_equal_across_tp_degrees():
+    test_greedy_tokens_equal_across_tp_degrees("auto", None)
+
+
+@needs_kernel
+def test_a_4bit_checkpoint_saves_verifies_and_reshards(tmp_path):
+    """Saved at TP=2 with its nibbles, scales and mins, verified, resharded by convert, and
+    loaded at TP=1 and 3: the file's 4-bit numbers and the same logits."""
+    from tpserve.models.convert import convert, verify
+
+    ids = [[1, 504, 2988, 314, 42, 216, 34, 32]]
+    with LLM() as llm:
+        want = llm.logits(ids)[0]
+        down = llm.model.model.layers[1].mlp.down_proj
+        kept = [t.clone() for t in (down.weight, down.weight_scale, down.weight_min)]
+        bf16 = llm.dtype == torch.bfloat16
+    with LLM(tensor_parallel_size=2) as llm:
+        part = llm.model.model.layers[1].mlp.down_proj  # rank 0's columns: whole groups of the TP=1 weight
+        assert torch.equal(part.weight, kept[0][:, part.in_start // 2:part.in_end // 2])
+        assert torch.equal(part.weight_scale, kept[1][:, part.in_start // 32:part.in_end // 32])
+        saved = llm.save_sharded(tmp_path / "q4")
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["quant_method"] == "tpserve-q4"
+    assert verify(saved)
+    resharded = convert(saved, tmp_path / "q4-tp3", 3, progress=False)
+    with LLM(tensor_parallel_size=3) as llm:  # the GGUF file itself at TP=3: the same summation order
+        want3 = llm.logits(ids)[0]
+    for model, tp, expected in ((saved, 1, want), (resharded, 3, want3)):
+        with LLM(model=model, tensor_parallel_size=tp) as llm:
+            assert llm.model.quantization == "q4" and llm.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            if tp == 1:
+                down = llm.model.model.layers[1].mlp.down_proj
+                assert all(torch.equal(a, b) for a, b in zip((down.weight, down.weight_scale, down.weight_min), kept))
+            torch.testing.assert_close(llm.logits(ids)[0], expected, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_a_tp_degree_that_splits_4bit_groups_runs_dequantized():
+    with pytest.warns(UserWarning, match="do not split at TP=5"):
+        path = LLM._resolve(None, "auto", None, None, 5)
+    assert not path.name.endswith("-q4")
+    assert LLM._resolve(None, "auto", None, None, 4).name.endswith("-q4")
+    assert not LLM._resolve(None, "float32", None, None, 1).name.endswith("-q4")

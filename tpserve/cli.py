@@ -55,8 +55,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA; on CPU a bfloat16 checkpoint stays "
                                                    "bfloat16 where the CPU has AVX512-BF16, else float32; "
                                                    "`tpserve inspect` says which), float32, bfloat16, float16")
-    p.add_argument("--quantization", default=None, choices=["none", "int8"],
-                   help="int8: linear weights in int8 with one scale per output row (the LM head keeps --dtype)")
+    p.add_argument("--quantization", default=None, choices=["none", "int8", "q4"],
+                   help="int8: linear weights in int8 with one scale per output row; q4: in 4-bit groups of 32 "
+                        "(the LM head keeps --dtype). A GGUF file (the default model too) keeps its Q4_0 / Q4_1 "
+                        "layers 4-bit with --dtype auto on CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokenizer", default=None, help="directory to load the tokenizer from (default: the model's; "
                                                      "a model without tokenizer files takes token ids only)")
@@ -147,6 +149,24 @@ def _auto_dtype(config) -> str:
     return f"{picked} on this CPU (checkpoint stored as {stored}; this CPU {fast} tpserve's AVX512-BF16 kernel)"
 
 
+def _keeps_q4_here(source) -> bool:
+    """Whether ``--dtype auto`` runs this GGUF file's 4-bit layers as they are on this machine."""
+    from tpserve.checkpoint.gguf import keeps_q4
+    from tpserve.models.loading import resolve_device
+    from tpserve.parallel import matvec
+
+    return (str(source).endswith(".gguf") and resolve_device(None).type == "cpu" and matvec.available()
+            and keeps_q4(source))
+
+
+def _quantization(config, from_gguf: bool) -> str:
+    from tpserve.parallel.quantize import checkpoint_quantization
+
+    stored = checkpoint_quantization(config) or "none"
+    return f"{stored} with --dtype auto (the GGUF file's Q4 layers as they are; --dtype float32 / bfloat16 " \
+           "dequantizes them)" if from_gguf else stored
+
+
 def _generate(args) -> None:
     from tpserve.engine.llm import LLM
     from tpserve.engine.sampling import SamplingParams
@@ -222,7 +242,10 @@ def _inspect(args) -> None:
     print(f"architecture:  {', '.join(config.architectures)} ({config.model_type})")
     print(f"parameters:    {total:,} ({total / 1e6:.1f} M)")
     print(f"dtype:         {', '.join(dtypes)}")
-    print(f"dtype auto:    {_auto_dtype(config)}")
+    kept = resolve_model_path(args.path, keep_q4=_keeps_q4_here(args.path))
+    auto = load_config(kept) if kept != path else config
+    print(f"dtype auto:    {_auto_dtype(auto)}")
+    print(f"quantization:  {_quantization(auto, kept != path)}")
     print(f"bytes:         {nbytes:,} ({nbytes / 2**20:.1f} MiB)")
     print(f"layers:        {spec.num_layers}, hidden {spec.hidden_size}, intermediate {spec.intermediate_size}, "
           f"vocab {spec.vocab_size}, context {spec.max_position_embeddings}")

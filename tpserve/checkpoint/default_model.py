@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from tpserve.utils.fs import remove_stale_siblings
 
 from . import gguf as _gguf
@@ -58,19 +60,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tpserve"
 
 
-def default_model_path() -> Path:
-    """The converted SmolLM2 directory, converting it on first use.
+def default_model_path(keep_q4: bool = False) -> Path:
+    """The converted SmolLM2 directory, converting it on first use: dequantized to float32 (what
+    transformers reads), or with ``keep_q4`` its 4-bit layers kept (``gguf.convert_gguf``).
 
     Many processes may ask at once (TP workers, parallel test runs). An exclusive ``flock``
     makes exactly one of them convert while the others wait and then find it complete; the
     converter's atomic rename means a crash mid-conversion leaves nothing that looks complete.
     """
     # find_default_gguf is only consulted when converting: a converted cache works without it.
+    if keep_q4:
+        out = cache_dir() / f"{DEFAULT_MODEL_NAME}-q4"
+        if _is_current(out) or _gguf.keeps_q4(find_default_gguf()):
+            return _cached_conversion(out, find_default_gguf, keep_q4=True)
     return _cached_conversion(cache_dir() / DEFAULT_MODEL_NAME, find_default_gguf)
 
 
-def converted_gguf_path(gguf_path: str | os.PathLike) -> Path:
-    """Any local llama .gguf file, converted once into ``cache_dir()/gguf/<stem>-<key>``.
+def converted_gguf_path(gguf_path: str | os.PathLike, keep_q4: bool = False) -> Path:
+    """Any local llama .gguf file, converted once into ``cache_dir()/gguf/<stem>-<key>``
+    (``keep_q4``, where every linear layer is Q4_0 / Q4_1: with them kept 4-bit).
 
     The key covers the file's resolved path, size and mtime, so replacing the file gives a new
     conversion instead of a stale one.
@@ -80,10 +88,12 @@ def converted_gguf_path(gguf_path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"GGUF file not found: {src}")
     st = src.stat()
     key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    if keep_q4 and _gguf.keeps_q4(src):
+        return _cached_conversion(cache_dir() / "gguf" / f"{src.stem}-{key}-q4", lambda: src, keep_q4=True)
     return _cached_conversion(cache_dir() / "gguf" / f"{src.stem}-{key}", lambda: src)
 
 
-def _cached_conversion(out: Path, source: Callable[[], Path]) -> Path:
+def _cached_conversion(out: Path, source: Callable[[], Path], keep_q4: bool = False) -> Path:
     """``out`` if it holds a current conversion, else convert ``source()`` into it, once.
 
     An exclusive ``flock`` per output makes exactly one process convert while the others wait
@@ -102,6 +112,8 @@ def _cached_conversion(out: Path, source: Callable[[], Path]) -> Path:
             remove_stale_siblings(out)  # build and replaced directories of crashed converters
             print(f"tpserve: converting {src.name} once into {out}", file=sys.stderr, flush=True)
             # overwrite: a partial or outdated directory here is ours to replace.
+            if keep_q4:  # the layers stay 4-bit; the embedding (and the rest) in bfloat16
+                return _gguf.convert_gguf(src, out, torch.bfloat16, overwrite=True, keep_q4=True)
             return _gguf.convert_gguf(src, out, overwrite=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,7 +1,10 @@
 """Convert a llama-architecture GGUF file into a transformers-format directory.
 
 The engine loads ordinary transformers checkpoints (config.json + model.safetensors + tokenizer),
-so a GGUF file is dequantized and renamed once, then loaded like any other checkpoint.
+so a GGUF file is renamed once, then loaded like any other checkpoint: dequantized (a directory
+transformers reads too), or with its 4-bit layers kept as the file holds them (``keep_q4``: Q4_0 /
+Q4_1 blocks as tpserve's ``q4`` weights, the rest in bfloat16), which the engine then runs
+from about the file's size.
 The output directory appears atomically (built in a hidden sibling, then renamed), so a crash
 or a concurrent converter can never leave a directory that looks complete but is not.
 """
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpserve.parallel.quantize import Q4_CONFIG
 from tpserve.utils.dtypes import DTYPE_NAME, MODEL_DTYPES
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 
@@ -52,6 +56,7 @@ _LAYER_TENSORS = {
 # tokenizer.ggml.pre values that llama.cpp pre-tokenizes as "each digit alone, then GPT-2 regex".
 _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"})
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # per 32 weights: float16 scale (and min for Q4_1), 16 bytes of nibbles
 
 
 def read_marker(out_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -92,8 +97,12 @@ def convert_gguf(
     dtype: torch.dtype = torch.float32,
     *,
     overwrite: bool = False,
+    keep_q4: bool = False,
 ) -> Path:
     """Convert ``gguf_path`` into a transformers directory at ``out_dir`` and return it.
+
+    ``keep_q4``: the linear layers stay 4-bit (every one must be Q4_0 or Q4_1: :func:`keeps_q4`),
+    ``dtype`` is for the rest.
 
     A complete ``out_dir`` is returned untouched. Any other existing ``out_dir`` is an error
     (a user's directory is never deleted) unless ``overwrite=True``, which caches we own use
@@ -115,8 +124,10 @@ def convert_gguf(
     reader = _open_reader(gguf_path)
     meta = _metadata(reader, gguf_path)
     config = _llama_config(reader, meta, gguf_path, dtype)
+    if keep_q4:
+        config["quantization_config"] = dict(Q4_CONFIG)
     # Everything is read and checked before touching the disk, so a bad file fails fast.
-    state_dict = _state_dict(reader, config, gguf_path, dtype)
+    state_dict = _state_dict(reader, config, gguf_path, dtype, keep_q4)
     tokenizer = _tokenizer(gguf_path, meta, config)
 
     tmp = build_dir(out_dir)
@@ -134,6 +145,7 @@ def convert_gguf(
             "source": str(gguf_path.resolve()),
             "source_size": gguf_path.stat().st_size,
             "dtype": _DTYPE_NAMES[dtype],
+            "quantization": "q4" if keep_q4 else None,
             "seconds": round(time.perf_counter() - started, 2),
         })
         for f in tmp.iterdir():
@@ -300,8 +312,41 @@ def _hf_name(gguf_name: str, path: Path) -> str:
                      "other variants are not supported)")
 
 
-def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor, rename it, un-permute Q/K, and check all shapes against the config."""
+def _is_linear(name: str) -> bool:
+    return name.endswith("_proj.weight")
+
+
+def keeps_q4(path: str | os.PathLike) -> bool:
+    """Whether every linear layer of the GGUF file is Q4_0 / Q4_1, so it can stay 4-bit."""
+    reader = _open_reader(Path(path))
+    layers = [t for t in reader.tensors if _LAYER_RE.match(t.name) and t.name.endswith(
+        tuple(k for k, v in _LAYER_TENSORS.items() if _is_linear(v)))]
+    return bool(layers) and all(t.tensor_type.name in _Q4_BLOCK_BYTES for t in layers)
+
+
+def _q4_tensors(t: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 tensor's blocks as (nibbles [N, K / 2], scale, min [N, K / 32]): Q4_1's
+    ``d * q + m`` is ``scale * q + min`` as it stands, Q4_0's ``d * (q - 8)`` has min ``-8 d``."""
+    kind = t.tensor_type.name
+    if kind not in _Q4_BLOCK_BYTES:
+        raise ValueError(f"{path}: tensor {t.name!r} is {kind}; only Q4_0 / Q4_1 layers stay 4-bit "
+                         "(load it with --dtype float32 or bfloat16 to dequantize it)")
+    raw = np.asarray(t.data)
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, _Q4_BLOCK_BYTES[kind])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if kind == "Q4_1":
+        m, qs = blocks[..., 2:4].copy().view(np.float16)[..., 0], blocks[..., 4:]
+    else:
+        m, qs = (d * np.float16(-8)).astype(np.float16), blocks[..., 2:]
+    return (torch.from_numpy(np.ascontiguousarray(qs).reshape(rows, -1)), torch.from_numpy(np.ascontiguousarray(d)),
+            torch.from_numpy(np.ascontiguousarray(m)))
+
+
+def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dtype,
+                keep_q4: bool = False) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor (``keep_q4``: all but the 4-bit linear layers), rename it,
+    un-permute Q/K, and check all shapes against the config."""
     from gguf.quants import dequantize
 
     expected = _expected_shapes(config)
@@ -311,6 +356,18 @@ def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dt
         if name not in expected:
             raise ValueError(f"{path}: tensor {t.name!r} ({name}) does not fit the config "
                              f"(layers={config['num_hidden_layers']}, tied={config['tie_word_embeddings']})")
+        if keep_q4 and _is_linear(name):
+            q, scale, minv = _q4_tensors(t, path)
+            rows, cols = expected[name]
+            if tuple(q.shape) != (rows, cols // 2) or tuple(scale.shape) != (rows, cols // 32):
+                raise ValueError(f"{path}: tensor {t.name!r} holds {tuple(q.shape)} bytes of 4-bit blocks, "
+                                 f"expected {(rows, cols // 2)} for {name} {expected[name]}")
+            heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+            for part, n_head in heads.items():
+                if name.endswith(f"{part}.weight"):
+                    q, scale, minv = (_unpermute_rope_rows(x, n_head).contiguous() for x in (q, scale, minv))
+            out[name], out[name + "_scale"], out[name + "_min"] = q, scale, minv
+            continue
         try:
             data = dequantize(t.data, t.tensor_type)
         except NotImplementedError as exc:

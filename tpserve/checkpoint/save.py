@@ -25,7 +25,7 @@ from torch import nn
 from tpserve.parallel.agree import gather_agreed, raise_first
 from tpserve.parallel.comm import broadcast_object, group_rank, group_size
 from tpserve.parallel.partition import slice_shape
-from tpserve.parallel.quantize import INT8_CONFIG
+from tpserve.parallel.quantize import CONFIGS
 from tpserve.parallel.shards import param_shards
 from tpserve.parallel.training import model_group
 from tpserve.utils.dtypes import DTYPE_NAME
@@ -227,12 +227,13 @@ def _saved_config_updates(model: nn.Module) -> dict:
     """What config.json must say beyond the live config for ``LLM`` to serve the checkpoint: the
     architecture (a transformers model built from a config has none) and the weights' dtype."""
     updates: dict = {}
-    if getattr(model, "quantization", None) == "int8":
-        updates["quantization_config"] = INT8_CONFIG
+    if getattr(model, "quantization", None) in CONFIGS:
+        updates["quantization_config"] = CONFIGS[model.quantization]
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "source_path", None) is None and not getattr(config, "architectures", None):
         updates["architectures"] = [type(model).__name__]
-    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    floats = [p.dtype for n, p in model.named_parameters()
+              if p.dtype.is_floating_point and not n.endswith(("weight_scale", "weight_min"))]
     if floats:  # what the files hold, whatever the source said (a model trained or loaded in float32)
         updates["torch_dtype"] = updates["dtype"] = DTYPE_NAME[floats[0]]
     return updates

@@ -24,6 +24,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,7 @@ from tpserve.parallel import (
     shm,
 )
 from tpserve.parallel.deadlines import ENGINE_TIMEOUT_S, STARTUP_TIMEOUT_S
-from tpserve.parallel.quantize import check_quantization
+from tpserve.parallel.quantize import check_quantization, checkpoint_quantization
 from tpserve.utils.cpus import rank_cores
 
 from . import commands
@@ -102,9 +103,12 @@ class LLM:
         4 GiB; engines opened later in the process count what earlier ones took);
         ``max_num_seqs``: sequences decoding at once; ``enable_prefix_caching``: reuse the cache
         blocks of a prompt prefix seen before. ``dtype="auto"``: bfloat16 on CUDA; on CPU a
-        bfloat16 checkpoint stays bfloat16 where the CPU has AVX512-BF16, else float32.
+        bfloat16 checkpoint stays bfloat16 where the CPU has AVX512-BF16, else float32; a GGUF
+        file (the default model's too) keeps its Q4_0 / Q4_1 layers 4-bit on CPU (with bfloat16
+        or float32 for the rest, by the same rule), where any other dtype dequantizes it.
         ``quantization="int8"``: int8 weights with one scale per output row (the LM head keeps
-        ``dtype``), about half of bf16's bytes per token."""
+        ``dtype``), about half of bf16's bytes per token; ``"q4"``: 4-bit weights in groups of
+        32 with a float16 scale and min each (a GGUF file's own, else quantized at load)."""
         self._workers: list[mp.Process] = []
         self._conns: list = []
         self._closed = False
@@ -130,7 +134,7 @@ class LLM:
 
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        self.model_path = resolve_model_path(model)
+        self.model_path = self._resolve(model, dtype, device, quantization, tensor_parallel_size)
         config = load_config(self.model_path)
         heads = config.num_attention_heads
         if tensor_parallel_size > heads:
@@ -203,6 +207,27 @@ class LLM:
         _kv_reserved[id(self)] = blocks * block_bytes(self.model, block_size) * self.tp
         self.engine = LLMEngine(self._run, blocks, block_size, max_num_seqs, prefix_caching, self.tokenizer,
                                 self.eos_ids)
+
+    @staticmethod
+    def _resolve(model, dtype, device, quantization, tp: int) -> Path:
+        """The model's directory. A GGUF file (the default model's too) keeps its 4-bit layers
+        where that is the fast way on this machine: on CPU with tpserve's kernels, with dtype
+        auto and no other quantization (or with ``quantization="q4"``), and at a TP degree that
+        splits them into whole groups; otherwise it is dequantized."""
+        from tpserve.models.layout import layout
+        from tpserve.models.loading import load_config, resolve_device
+
+        wanted = quantization == "q4" or (dtype in (None, "auto") and not quantization)
+        keep_q4 = wanted and resolve_device(device).type == "cpu" and matvec.available()
+        path = resolve_model_path(model, keep_q4)
+        if keep_q4 and checkpoint_quantization(load_config(path)) == "q4":
+            try:
+                layout(load_config(path), tp)
+            except ValueError as exc:
+                warnings.warn(f"tpserve: the model's 4-bit layers do not split at TP={tp} ({exc}); "
+                              "running it dequantized", stacklevel=3)
+                path = resolve_model_path(model)
+        return path
 
     def _spawn_workers(self, port: int, dtype: str, device: str | None, timeout: float, compile: bool,
                        quantization: str | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tpserve.parallel.quantize import checkpoint_quantization, prepare_int8
+from tpserve.parallel.quantize import checkpoint_quantization, prepare
 from tpserve.parallel.shards import Shard, param_shards
 
 from .registry import model_class
@@ -20,12 +20,12 @@ def layout(config, tp: int) -> list[dict[str, Shard]]:
     from torch._C._distributed_c10d import FakeProcessGroup
 
     cls = model_class(config)
-    quantized = checkpoint_quantization(config) == "int8"
+    quantized = checkpoint_quantization(config)
     ranks = []
     for rank in range(tp):
         with torch.device("meta"):  # the layers only ask the group for its rank and size
             model = cls(config, group=FakeProcessGroup._create_internal(rank, tp))
             if quantized:
-                prepare_int8(model)
+                prepare(model, quantized)
             ranks.append(param_shards(model))
     return ranks

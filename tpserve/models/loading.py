@@ -12,7 +12,7 @@ from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
 from tpserve.parallel import get_group, group_rank, matvec
 from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
-from tpserve.parallel.quantize import check_quantization, checkpoint_quantization, prepare_int8, quantize_int8
+from tpserve.parallel.quantize import check_quantization, checkpoint_quantization, prepare, quantize_int8, quantize_q4
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
@@ -163,9 +163,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     (see :func:`use_decode_layout`); the engine turns it on for CPU. ``compile`` readies the
     compiled decode step (``compile_decode``) instead, whose reductions want the usual layout,
     so it overrides ``decode_layout``. ``quantization="int8"``: every linear layer but the LM head
-    is stored as int8 with one scale per output row (``parallel.quantize``), after loading; a
-    checkpoint saved quantized (its config.json's ``quantization_config``) loads its int8
-    weights and scales as they are, at any TP degree.
+    is stored as int8 with one scale per output row (``parallel.quantize``), after loading;
+    ``"q4"``: as 4-bit groups of 32. A checkpoint saved quantized (its config.json's
+    ``quantization_config``, a GGUF file's 4-bit layers among them) loads its quantized weights
+    as they are, at any TP degree that keeps whole groups.
     """
     group = get_group(group)
     path = Path(path)
@@ -182,12 +183,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     _materialize(model, device)
     if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.native_bf16()):
         use_decode_layout(model)  # (bf16's own kernel reads the usual layout)
-    if stored == "int8":
-        prepare_int8(model)
+    if stored:
+        prepare(model, stored)
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
-    if quantization == "int8" and not stored:
-        quantize_int8(model)
+    if quantization and not stored:
+        (quantize_int8 if quantization == "int8" else quantize_q4)(model)
     model.eval().requires_grad_(False)
     model.source_path = path
     model.quantization = stored or quantization

@@ -63,10 +63,11 @@ REDUCE_ROWS = 4  # up to this many rows a compiled reduction beat MKL's sgemm (m
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
+           scale: torch.Tensor | None = None, float_out: bool = False, minv: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, by the fastest path for the weight's dtype and the number of rows.
 
-    - An int8 weight (``scale``: one per output row) and, on CPUs with AVX512-BF16, a bf16
+    - A 4-bit weight (uint8, two values a byte; ``scale`` and ``minv`` per row and group of 32,
+      ``matvec.q4_linear``), an int8 weight (``scale``: one per output row) and, on CPUs with AVX512-BF16, a bf16
       weight at a few rows (a decode step) go through ``matvec``'s kernels, which stream the
       weight at memory speed where torch's products reach about half of it.
     - Otherwise, inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows is written as
@@ -79,6 +80,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     all-reduce adds up (rounded once after it, as TP = 1 rounds once), and for logits (bf16's
     coarse grid, 1/16 at 10, makes ties that float32 logits do not have).
     """
+    if weight.dtype is torch.uint8:
+        return matvec.q4_linear(x, weight, scale, minv, bias, float_out)
     if scale is not None:
         return matvec.int8_linear(x, weight, scale, bias, float_out)
     if weight.dtype is torch.bfloat16:
@@ -174,21 +177,22 @@ class ColumnParallelLinear(_TPModule):
         local = self.out_end - self.out_start
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("weight_scale", None)  # int8 weights' per-row scales (parallel.quantize)
+        self.register_buffer("weight_scale", None)  # quantized weights' scales (parallel.quantize)
+        self.register_buffer("weight_min", None)  # and 4-bit weights' group minimums
         for p in self.parameters():
             p.weight_loader = self.weight_loader
         if init:
             _init_linear(self.weight, self.bias, in_features)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
-        return 0, self.out_start, self.out_end, self.out_features  # weight, bias and int8 scales: by row
+        return 0, self.out_start, self.out_end, self.out_features  # weight, bias, scales and mins: by row
 
     def forward(self, x: torch.Tensor, gather_output: bool | None = None) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         if self.rows_shared and torch.is_grad_enabled() and weight.requires_grad:  # training only
             weight = sum_shared_rows(weight, self.out_start, self.out_features, self.group)
             bias = None if bias is None else sum_shared_rows(bias, self.out_start, self.out_features, self.group)
-        y = linear(copy_to_tp_region(x, self.group), weight, bias, self.weight_scale)
+        y = linear(copy_to_tp_region(x, self.group), weight, bias, self.weight_scale, minv=self.weight_min)
         if self.gather_output if gather_output is None else gather_output:
             y = gather_from_tp_region(y, self.out_sizes, -1, self.group)
         return y
@@ -217,27 +221,37 @@ class RowParallelLinear(_TPModule):
         self.in_start, self.in_end = partition_range(in_features, self.tp_size, self.tp_rank, unit, what)
         self.weight = nn.Parameter(torch.empty(out_features, self.in_end - self.in_start, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("weight_scale", None)  # int8 weights' per-row scales (parallel.quantize)
+        self.register_buffer("weight_scale", None)  # quantized weights' scales (parallel.quantize)
+        self.register_buffer("weight_min", None)  # and 4-bit weights' group minimums
         for p in self.parameters():
             p.weight_loader = self.weight_loader
         if init:
             _init_linear(self.weight, self.bias, in_features)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
-        if param is self.bias or param is self.weight_scale:  # whole on every rank (a scale covers a whole row)
+        packed = self.weight.dtype is torch.uint8  # 4-bit: two inputs a byte, a scale and min per 32 inputs
+        if param is self.bias or (param is self.weight_scale and not packed):  # whole (an int8 scale covers a row)
             return None, 0, self.out_features, self.out_features
-        return 1, self.in_start, self.in_end, self.in_features
+        if not packed:
+            return 1, self.in_start, self.in_end, self.in_features
+        if self.in_start % matvec.Q4_GROUP or self.in_end % matvec.Q4_GROUP:
+            raise ValueError(f"RowParallelLinear({self.in_features}, {self.out_features}) with 4-bit weights: "
+                             f"rank {self.tp_rank} holds inputs {self.in_start}:{self.in_end}, which do not start and "
+                             f"end on {matvec.Q4_GROUP}-input group boundaries; choose another TP degree or a dense "
+                             f"dtype (--dtype float32 / bfloat16)")
+        per = 2 if param is self.weight else matvec.Q4_GROUP  # columns of the full layer per stored column
+        return 1, self.in_start // per, self.in_end // per, self.in_features // per
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.in_sizes, -1, self.group)
-        elif x.shape[-1] != self.weight.shape[1]:
+        elif x.shape[-1] != self.in_end - self.in_start:
             raise ValueError(
-                f"RowParallelLinear on rank {self.tp_rank} expects this rank's {self.weight.shape[1]} input features, "
+                f"RowParallelLinear on rank {self.tp_rank} expects this rank's {self.in_end - self.in_start} input features, "
                 f"got {x.shape[-1]}; pass input_is_parallel=False to give it the full input"
             )
         reduce = self.reduce_output and self.tp_size > 1
-        y = linear(x, self.weight, None, self.weight_scale, float_out=reduce)
+        y = linear(x, self.weight, None, self.weight_scale, float_out=reduce, minv=self.weight_min)
         if reduce:
             if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
                 y = reduce_from_tp_region(y, self.group)

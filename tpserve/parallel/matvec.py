@@ -22,6 +22,8 @@ from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 # up to these many rows the kernel beat torch's products (benchmarks/matvec.py, Xeon with AMX):
 BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.9; at 16 oneDNN's AMX wins
 INT8_KERNEL_ROWS = 16  # beyond, one dequantized copy and oneDNN
+Q4_KERNEL_ROWS = 16  # beyond, one dequantized copy and the dense product (prefill)
+Q4_GROUP = 32  # 4-bit weights: one scale and one min per row and group of 32 inputs, as GGUF's Q4 blocks
 INT8_MAX = 127  # symmetric: -127..127, so a row's scale is its largest |w| / 127
 
 _ext = None
@@ -51,6 +53,13 @@ def available() -> bool:
     return _found["kernel"]
 
 
+def native_q4() -> bool:
+    """Whether 4-bit products at a few rows run through the kernel's AVX512-VNNI dot products."""
+    if "q4" not in _found:
+        _found["q4"] = available() and bool(extension().native_q4())
+    return _found["q4"]
+
+
 def native_bf16() -> bool:
     """Whether bf16 products at a few rows run through the kernel's AVX512-BF16 dot products."""
     if "bf16" not in _found:
@@ -78,6 +87,17 @@ def _int8_linear_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 @_int8_linear_op.register_fake
 def _(x, weight, scale, bias, float_out):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32 if float_out else x.dtype)
+
+
+@torch.library.custom_op("tpserve::q4_linear", mutates_args=())
+def _q4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+                  bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
+    return _ext.q4_linear(x, qweight, scale, minv, bias, float_out)
+
+
+@_q4_linear_op.register_fake
+def _(x, qweight, scale, minv, bias, float_out):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +142,52 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return y if bias is None else y + bias
     # many rows (prefill) or another device: one dequantized copy, then the dense product
     return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+def q4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+              bias: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
+    """``x W^T + bias`` for W held in 4-bit groups (:func:`dequantize_q4` says how). At a few
+    rows the kernel reads the packed weight (activations quantized to int8 per group of 32, as
+    llama.cpp does); prefill and other devices multiply by one dequantized copy."""
+    k = x.shape[-1]
+    if x.device.type == "cpu" and 0 < x.numel() <= Q4_KERNEL_ROWS * k and available():
+        op = _q4_linear_op if torch.compiler.is_compiling() else _ext.q4_linear
+        return _out(op(_rows(x), qweight, scale, minv, bias, float_out), x)
+    return F.linear(x, dequantize_q4(qweight, scale, minv, x.dtype), bias)
+
+
+def dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [N, K] weight ``q * scale + min``: ``qweight`` [N, K / 2] holds each group of 32
+    in 16 bytes (byte j: element j in the low nibble, j + 16 in the high), GGUF's Q4 order;
+    ``scale`` and ``min`` are [N, K / 32]."""
+    n, groups = scale.shape
+    q = qweight.reshape(n, groups, Q4_GROUP // 2)
+    values = torch.cat([q & 15, q >> 4], dim=-1).float()
+    w = values * scale.float()[..., None] + minv.float()[..., None]
+    return w.reshape(n, groups * Q4_GROUP).to(dtype)
+
+
+def pack_q4(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] integers 0..15 packed two a byte in GGUF's Q4 order (:func:`dequantize_q4`)."""
+    n, k = values.shape
+    v = values.to(torch.uint8).reshape(n, k // Q4_GROUP, 2, Q4_GROUP // 2)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qweight, scale, min)`` of ``weight`` [N, K] as GGUF's Q4_1 makes them: per group of
+    32, ``min`` is the smallest value and ``scale`` spans the range in 15 steps."""
+    n, k = weight.shape
+    if k % Q4_GROUP:
+        raise ValueError(f"4-bit groups need an input width that is a multiple of {Q4_GROUP}, not {k}")
+    g = weight.detach().float().reshape(n, k // Q4_GROUP, Q4_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).half()
+    lo = lo.half()
+    step = torch.where(scale.float() > 0, scale.float(), torch.ones_like(lo, dtype=torch.float32))
+    q = torch.round((g - lo.float()[..., None]) / step[..., None]).clamp_(0, 15)
+    return pack_q4(q.reshape(n, k)), scale, lo
 
 
 def row_absmax(weight: torch.Tensor) -> torch.Tensor:

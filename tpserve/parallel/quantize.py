@@ -1,4 +1,5 @@
-"""int8 weight-only quantization of a built, loaded model's parallel linear layers."""
+"""Weight-only quantization of a built model's parallel linear layers: int8 with one scale per
+output row, and 4-bit in groups of 32 (GGUF's Q4_0 / Q4_1 blocks, kept as the file holds them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from . import comm, matvec
 from .layers import ColumnParallelLinear, RowParallelLinear
 
-QUANTIZATIONS = ("int8",)  # what LLM(quantization=...) / --quantization accept
+QUANTIZATIONS = ("int8", "q4")  # what LLM(quantization=...) / --quantization accept
 
 
 def check_quantization(quantization: str | None) -> str | None:
@@ -23,18 +24,22 @@ def check_quantization(quantization: str | None) -> str | None:
 
 # what a quantized checkpoint's config.json says (transformers' key, a method of tpserve's own)
 INT8_CONFIG = {"quant_method": "tpserve-int8", "bits": 8, "symmetric": True, "scales": "one per output row"}
+Q4_CONFIG = {"quant_method": "tpserve-q4", "bits": 4, "group_size": matvec.Q4_GROUP,
+             "layout": "GGUF Q4 blocks: w = q * scale + min; float16 scale and min per row and group"}
+CONFIGS = {"int8": INT8_CONFIG, "q4": Q4_CONFIG}
 
 
 def checkpoint_quantization(config) -> str | None:
-    """"int8" when ``config`` (a config object or dict) describes tpserve int8 weights, else None."""
+    """"int8" / "q4" when ``config`` (a config object or dict) describes tpserve's quantized weights, else None."""
     q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
     if method is None:
         return None
-    if method != INT8_CONFIG["quant_method"]:
-        raise ValueError(f"quantization_config.quant_method={method!r} is not supported (tpserve reads "
-                         f"{INT8_CONFIG['quant_method']!r} checkpoints, which it writes itself)")
-    return "int8"
+    for name, known in CONFIGS.items():
+        if method == known["quant_method"]:
+            return name
+    raise ValueError(f"quantization_config.quant_method={method!r} is not supported (tpserve reads "
+                     f"{', '.join(repr(c['quant_method']) for c in CONFIGS.values())} checkpoints, which it writes itself)")
 
 
 def _linears(model: nn.Module):
@@ -48,13 +53,51 @@ def _set_int8(mod: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> None:
         p.weight_loader = mod.weight_loader
 
 
-def prepare_int8(model: nn.Module) -> None:
-    """Give every linear layer empty int8 weights and scales, to load a quantized checkpoint into."""
+def _set_q4(mod: nn.Module, qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> None:
+    mod.weight = nn.Parameter(qweight, requires_grad=False)
+    mod.weight_scale = nn.Parameter(scale, requires_grad=False)
+    mod.weight_min = nn.Parameter(minv, requires_grad=False)
+    for p in (mod.weight, mod.weight_scale, mod.weight_min):
+        p.weight_loader = mod.weight_loader
+
+
+def _check_q4(mod: nn.Module) -> None:
+    """4-bit groups run along each row's inputs: this rank's inputs must be whole groups."""
+    start, end = (mod.in_start, mod.in_end) if isinstance(mod, RowParallelLinear) else (0, mod.in_features)
+    if start % matvec.Q4_GROUP or end % matvec.Q4_GROUP:
+        raise ValueError(f"{type(mod).__name__}({mod.in_features}, {mod.out_features}) cannot hold 4-bit weights "
+                         f"at TP={mod.tp_size}: rank {mod.tp_rank}'s inputs {start}:{end} are not whole groups of "
+                         f"{matvec.Q4_GROUP}; choose another TP degree or a dense dtype (--dtype float32 / bfloat16)")
+
+
+def prepare(model: nn.Module, quantization: str) -> None:
+    """Give every linear layer empty quantized weights (and scales, mins), to load a checkpoint saved so."""
     for mod in _linears(model):
-        if mod.weight.dtype != torch.int8:
-            w = mod.weight
+        w = mod.weight
+        if quantization == "int8" and w.dtype != torch.int8:
             _set_int8(mod, torch.empty(w.shape, dtype=torch.int8, device=w.device),
                       torch.empty(w.shape[0], dtype=torch.float32, device=w.device))
+        elif quantization == "q4" and w.dtype != torch.uint8:
+            _check_q4(mod)
+            rows, cols = w.shape
+            groups = cols // matvec.Q4_GROUP
+            _set_q4(mod, torch.empty(rows, cols // 2, dtype=torch.uint8, device=w.device),
+                    torch.empty(rows, groups, dtype=torch.float16, device=w.device),
+                    torch.empty(rows, groups, dtype=torch.float16, device=w.device))
+
+
+def quantize_q4(model: nn.Module) -> int:
+    """Turn every column- and row-parallel linear weight into 4-bit groups of 32 (Q4_1's
+    min-and-scale), in place; returns how many. Groups run along rows and ranks hold whole
+    groups, so each rank quantizes alone and the result is the same at every TP degree."""
+    count = 0
+    with torch.no_grad():
+        for mod in _linears(model):
+            if mod.weight_scale is None:
+                _check_q4(mod)
+                _set_q4(mod, *matvec.quantize_q4(mod.weight))
+                count += 1
+    return count
 
 
 def quantize_int8(model: nn.Module) -> int:

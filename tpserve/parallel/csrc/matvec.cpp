@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <cstring>
 #include <vector>
@@ -254,6 +255,180 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return float_out || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+// ---- 4-bit weights in groups of 32, as GGUF's Q4_0 / Q4_1 blocks hold them ----------------------
+//
+// w = q * scale + min with q in 0..15; each group of 32 is 16 bytes, byte j holding element j in its
+// low nibble and element j + 16 in its high one; scale and min are float16, one per row and group.
+// As llama.cpp does, the activations are quantized to int8 per group of 32 (one float scale dx each),
+// so a group's dot product is exact integer math: sum_j x_j w_j = scale * dx * sum_j q_j xq_j
+// + min * dx * sum_j xq_j. With AVX512-VNNI one instruction multiplies and adds 64 such pairs.
+
+constexpr int64_t QGROUP = 32;
+
+// One activation matrix quantized per group, laid out as the vector loop reads it: per block of four
+// groups, 64 bytes of the groups' first halves (group gi's at 16 * gi), 64 of their second halves,
+// and 16 float lanes of dx (lane l: group l / 4's) and of dx * sum(xq) / 4 (the min term, spread over
+// the four lanes of its group). Zero past the last group, so the loop reads whole blocks.
+struct QActs {
+  int64_t blocks;
+  std::vector<int8_t> lo, hi;  // [M, blocks * 64]
+  std::vector<float> dx, xs;   // [M, blocks * 16]
+};
+
+template <typename X>
+QActs quantize_acts(const X* x, int64_t M, int64_t K) {
+  const int64_t G = K / QGROUP;
+  QActs q;
+  q.blocks = (G + 3) / 4;
+  q.lo.assign(M * q.blocks * 64, 0);
+  q.hi.assign(M * q.blocks * 64, 0);
+  q.dx.assign(M * q.blocks * 16, 0.f);
+  q.xs.assign(M * q.blocks * 16, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      float xg[QGROUP];
+      for (int64_t j = 0; j < QGROUP; ++j) xg[j] = AsFloat{}(x[m * K + g * QGROUP + j]);
+      float amax = 0.f;
+      for (int64_t j = 0; j < QGROUP; ++j) amax = std::max(amax, std::abs(xg[j]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      const int64_t b = g / 4, gi = g % 4;
+      int8_t* lo = q.lo.data() + (m * q.blocks + b) * 64 + 16 * gi;
+      int8_t* hi = q.hi.data() + (m * q.blocks + b) * 64 + 16 * gi;
+      int sum = 0;
+      for (int64_t j = 0; j < QGROUP; ++j) {
+        const int v = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, xg[j] * inv))));
+        (j < 16 ? lo[j] : hi[j - 16]) = static_cast<int8_t>(v);
+        sum += v;
+      }
+      for (int64_t t = 0; t < 4; ++t) {
+        q.dx[(m * q.blocks + b) * 16 + 4 * gi + t] = d;
+        q.xs[(m * q.blocks + b) * 16 + 4 * gi + t] = d * static_cast<float>(sum) * 0.25f;
+      }
+    }
+  }
+  return q;
+}
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TPSERVE_Q4_VECTORS 1
+// four float16 values (scales or mins of four groups), each spread over its group's four lanes
+inline __m512 spread4(const uint16_t* p, int64_t groups) {
+  const __m128i h = groups >= 4 ? _mm_loadl_epi64((const __m128i*)p) : _mm_maskz_loadu_epi16((__mmask8)((1u << groups) - 1), p);
+  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+}
+
+template <int A, int R, typename Store>
+void q4_vector_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, const uint16_t* mn, int64_t G, int64_t m,
+                    int64_t n, Store&& store) {
+  const int64_t row = G * 16;  // bytes of one weight row
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[A][R];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < xa.blocks; ++b) {
+    const int64_t groups = std::min<int64_t>(4, G - 4 * b);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wp = qw + (n + r) * row + b * 64;
+      _mm_prefetch((const char*)wp + AHEAD, _MM_HINT_T0);
+      const __m512i w = groups == 4 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8((1ull << (16 * groups)) - 1, wp);
+      const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+      const __m512 sv = spread4(sc + (n + r) * G + 4 * b, groups), mv = spread4(mn + (n + r) * G + 4 * b, groups);
+      for (int i = 0; i < A; ++i) {
+        const int64_t at = (m + i) * xa.blocks + b;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa.lo.data() + at * 64));
+        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xa.hi.data() + at * 64));
+        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xa.dx.data() + at * 16));
+        acc[i][r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xa.xs.data() + at * 16), _mm512_fmadd_ps(f, sv, acc[i][r]));
+      }
+    }
+  }
+  float sums[ACTS * ROWS];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
+  finish(sums, A, R, m, n, store);
+}
+#endif
+
+// The same integer sums, group by group, in plain C++.
+template <int A, int R, typename Store>
+void q4_plain_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, const uint16_t* mn, int64_t G, int64_t m,
+                   int64_t n, Store&& store) {
+  float sums[ACTS * ROWS];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t at = (m + i) * xa.blocks + g / 4, gi = g % 4;
+        const int8_t* lo = xa.lo.data() + at * 64 + 16 * gi;
+        const int8_t* hi = xa.hi.data() + at * 64 + 16 * gi;
+        const uint8_t* wq = qw + (n + r) * G * 16 + g * 16;
+        int d = 0;
+#pragma omp simd reduction(+ : d)
+        for (int j = 0; j < 16; ++j) d += (wq[j] & 15) * lo[j] + (wq[j] >> 4) * hi[j];
+        const float dx = xa.dx[at * 16 + 4 * gi], xs = 4.f * xa.xs[at * 16 + 4 * gi];
+        s += static_cast<float>(d) * dx * half_to_float(sc[(n + r) * G + g]) + half_to_float(mn[(n + r) * G + g]) * xs;
+      }
+      sums[i * ROWS + r] = s;
+    }
+  finish(sums, A, R, m, n, store);
+}
+
+// x [M, K] float/bf16 (rows contiguous), qweight [N, K / 2] uint8, scale and min [N, K / 32] float16,
+// bias [N] -> [M, N] in x's dtype (or float32 with `float_out`); bf16 is read and written as it is,
+// with no converted copies (a decode step makes hundreds of these calls)
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minv,
+                     const c10::optional<at::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "q4_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "q4_linear: x must be [M, K] and the weight [N, K / 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / QGROUP;
+  TORCH_CHECK(K % QGROUP == 0, "q4_linear: the input width ", K, " is not a multiple of the group size 32");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.size(1) * 2 == K && qweight.is_contiguous(),
+              "q4_linear: the weight must be contiguous uint8 [N, K / 2] (two 4-bit values a byte)");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minv.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  minv.is_contiguous() && scale.numel() == N * G && minv.numel() == N * G,
+              "q4_linear: scale and min must be contiguous float16 [N, K / 32]");
+  if (bias.has_value()) TORCH_CHECK(bias->numel() == N, "q4_linear: bias must have one value per output row");
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.stride(0) == K;
+  const at::Tensor xf = bf16 ? x : x.to(at::kFloat).contiguous();
+  const QActs xa = bf16 ? quantize_acts(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()), M, K)
+                        : quantize_acts(xf.data_ptr<float>(), M, K);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool float_result = float_out || x.scalar_type() == at::kFloat || !bf16;
+  auto out = at::empty({M, N}, x.options().dtype(float_result ? at::kFloat : at::kBFloat16));
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(minv.data_ptr<at::Half>());
+  auto run = [&](auto* op) {
+    auto store = [&](int64_t m, int64_t n, float v) {
+      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
+    };
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
+#if defined(TPSERVE_Q4_VECTORS)
+        q4_vector_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, mp, G, m, n, store);
+#else
+        q4_plain_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, mp, G, m, n, store);
+#endif
+      });
+    });
+  };
+  if (float_result) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
+  return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
+}
+
+bool native_q4() {
+#if defined(TPSERVE_Q4_VECTORS)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool native_bf16() {
 #if defined(TPSERVE_BF16_VECTORS)
   return true;
@@ -265,5 +440,7 @@ bool native_bf16() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x W^T + b for a few bf16 rows");
   m.def("int8_linear", &int8_linear, "y = (x W^T) * scale + b with an int8 weight");
+  m.def("q4_linear", &q4_linear, "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
+  m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
 }
