@@ -519,4 +519,4 @@ def test_only_all_q4_files_stay_4bit(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("TPSERVE_CACHE", str(tmp_path / "cache"))
     # asked to keep 4-bit layers it has not got, the cache converts it dequantized
-    assert not dm.converted_gguf_path(path, keep_q4=True).name.endswith("-q4")
+    assert dm.converted_gguf_path(path, keep_q4=True).parent.name == "gguf"

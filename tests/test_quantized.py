@@ -232,6 +232,7 @@ def test_a_4bit_checkpoint_saves_verifies_and_reshards(tmp_path):
 def test_a_tp_degree_that_splits_4bit_groups_runs_dequantized():
     with pytest.warns(UserWarning, match="do not split at TP=5"):
         path = LLM._resolve(None, "auto", None, None, 5)
-    assert not path.name.endswith("-q4")
-    assert LLM._resolve(None, "auto", None, None, 4).name.endswith("-q4")
-    assert not LLM._resolve(None, "float32", None, None, 1).name.endswith("-q4")
+    assert "q4" not in path.parts
+    kept = LLM._resolve(None, "auto", None, None, 4)
+    assert kept.parent.name == "q4" and kept.name == path.name  # the served name stays the model's
+    assert "q4" not in LLM._resolve(None, "float32", None, None, 1).parts

@@ -522,7 +522,7 @@ def _reference() -> dict:
     """Each prompt alone through tpserve.LLM (TP=1, greedy): what the server must reproduce."""
     from tpserve import LLM
 
-    with LLM() as llm:
+    with LLM(dtype="float32") as llm:
         greedy = SamplingParams(max_tokens=NEW)
         completions = [llm.generate(p, greedy)[0].outputs[0] for p in PROMPTS]
         chat = llm.chat(CHAT, SamplingParams(max_tokens=24))[0].outputs[0]
@@ -559,12 +559,13 @@ def _workers(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def tpserve_serve(tmp: Path, *extra: str, while_loading=lambda: None):
-    """``python -m tpserve serve --tp 2`` on a free port; yields (url, process, stderr file,
-    what ``while_loading()``, run while the server loads its model, returned)."""
+    """``python -m tpserve serve --tp 2 --dtype float32`` on a free port (float32: its answers
+    must equal TP=1's exactly); yields (url, process, stderr file, what ``while_loading()``, run
+    while the server loads its model, returned)."""
     port = free_port()
     err = tmp / f"serve-{port}.err"
     with open(tmp / f"serve-{port}.out", "wb") as out_f, open(err, "wb") as err_f:
-        proc = subprocess.Popen([sys.executable, "-m", "tpserve", "serve", "--tp", "2", "--port", str(port), *extra],
+        proc = subprocess.Popen([sys.executable, "-m", "tpserve", "serve", "--tp", "2", "--port", str(port), "--dtype", "float32", *extra],
                                 stdout=out_f, stderr=err_f)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -70,7 +70,7 @@ def default_model_path(keep_q4: bool = False) -> Path:
     """
     # find_default_gguf is only consulted when converting: a converted cache works without it.
     if keep_q4:
-        out = cache_dir() / f"{DEFAULT_MODEL_NAME}-q4"
+        out = cache_dir() / "q4" / DEFAULT_MODEL_NAME  # the directory's name is the served model's
         if _is_current(out) or _gguf.keeps_q4(find_default_gguf()):
             return _cached_conversion(out, find_default_gguf, keep_q4=True)
     return _cached_conversion(cache_dir() / DEFAULT_MODEL_NAME, find_default_gguf)
@@ -89,7 +89,7 @@ def converted_gguf_path(gguf_path: str | os.PathLike, keep_q4: bool = False) -> 
     st = src.stat()
     key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     if keep_q4 and _gguf.keeps_q4(src):
-        return _cached_conversion(cache_dir() / "gguf" / f"{src.stem}-{key}-q4", lambda: src, keep_q4=True)
+        return _cached_conversion(cache_dir() / "gguf-q4" / f"{src.stem}-{key}", lambda: src, keep_q4=True)
     return _cached_conversion(cache_dir() / "gguf" / f"{src.stem}-{key}", lambda: src)
 
 
