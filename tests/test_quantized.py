@@ -161,9 +161,10 @@ def test_convert_writes_bf16_shards_that_load_as_bf16(tmp_path):
 
 
 needs_kernel = pytest.mark.skipif(not matvec.available(), reason="no compiler: GGUF files are dequantized")
+needs_vnni = pytest.mark.skipif(not matvec.native_q4(), reason="no AVX512-VNNI: dtype auto dequantizes GGUF files")
 
 
-@needs_kernel
+@needs_vnni
 def test_the_default_model_runs_from_its_gguf_4bit_layers():
     """dtype auto on CPU keeps the GGUF file's Q4_1 layers as they are: the model holds about
     the file's bytes, not the ~540 MB of float32; an explicit dtype dequantizes."""
@@ -186,7 +187,7 @@ def test_the_default_model_runs_from_its_gguf_4bit_layers():
 @needs_kernel
 def test_gguf_4bit_nll_stays_close_to_the_dequantized_fp32(paragraph_ids):
     ids, reference = paragraph_ids
-    with LLM() as llm:
+    with LLM(quantization="q4") as llm:  # the GGUF file's own 4-bit blocks
         assert llm.model.quantization == "q4"
         got = _nll(llm, ids)
     assert abs(got - reference) / reference <= 0.03, (got, reference)
@@ -194,7 +195,7 @@ def test_gguf_4bit_nll_stays_close_to_the_dequantized_fp32(paragraph_ids):
 
 @needs_kernel
 def test_gguf_4bit_greedy_tokens_equal_across_tp_degrees():
-    test_greedy_tokens_equal_across_tp_degrees("auto", None)
+    test_greedy_tokens_equal_across_tp_degrees("auto", "q4")
 
 
 @needs_kernel
@@ -204,12 +205,12 @@ def test_a_4bit_checkpoint_saves_verifies_and_reshards(tmp_path):
     from tpserve.models.convert import convert, verify
 
     ids = [[1, 504, 2988, 314, 42, 216, 34, 32]]
-    with LLM() as llm:
+    with LLM(quantization="q4") as llm:
         want = llm.logits(ids)[0]
         down = llm.model.model.layers[1].mlp.down_proj
         kept = [t.clone() for t in (down.weight, down.weight_scale, down.weight_min)]
         bf16 = llm.dtype == torch.bfloat16
-    with LLM(tensor_parallel_size=2) as llm:
+    with LLM(tensor_parallel_size=2, quantization="q4") as llm:
         part = llm.model.model.layers[1].mlp.down_proj  # rank 0's columns: whole groups of the TP=1 weight
         assert torch.equal(part.weight, kept[0][:, part.in_start // 2:part.in_end // 2])
         assert torch.equal(part.weight_scale, kept[1][:, part.in_start // 32:part.in_end // 32])
@@ -217,7 +218,7 @@ def test_a_4bit_checkpoint_saves_verifies_and_reshards(tmp_path):
     assert json.loads((saved / "config.json").read_text())["quantization_config"]["quant_method"] == "tpserve-q4"
     assert verify(saved)
     resharded = convert(saved, tmp_path / "q4-tp3", 3, progress=False)
-    with LLM(tensor_parallel_size=3) as llm:  # the GGUF file itself at TP=3: the same summation order
+    with LLM(tensor_parallel_size=3, quantization="q4") as llm:  # the GGUF file at TP=3: the same sums
         want3 = llm.logits(ids)[0]
     for model, tp, expected in ((saved, 1, want), (resharded, 3, want3)):
         with LLM(model=model, tensor_parallel_size=tp) as llm:
@@ -228,7 +229,7 @@ def test_a_4bit_checkpoint_saves_verifies_and_reshards(tmp_path):
             torch.testing.assert_close(llm.logits(ids)[0], expected, rtol=0, atol=0)
 
 
-@needs_kernel
+@needs_vnni
 def test_a_tp_degree_that_splits_4bit_groups_runs_dequantized():
     with pytest.warns(UserWarning, match="do not split at TP=5"):
         path = LLM._resolve(None, "auto", None, None, 5)
@@ -236,3 +237,6 @@ def test_a_tp_degree_that_splits_4bit_groups_runs_dequantized():
     kept = LLM._resolve(None, "auto", None, None, 4)
     assert kept.parent.name == "q4" and kept.name == path.name  # the served name stays the model's
     assert "q4" not in LLM._resolve(None, "float32", None, None, 1).parts
+    with pytest.raises(ValueError, match="not whole groups of 32"):  # asked for explicitly: an error, not a fallback
+        with LLM(tensor_parallel_size=5, quantization="q4"):
+            pass

@@ -58,7 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["none", "int8", "q4"],
                    help="int8: linear weights in int8 with one scale per output row; q4: in 4-bit groups of 32 "
                         "(the LM head keeps --dtype). A GGUF file (the default model too) keeps its Q4_0 / Q4_1 "
-                        "layers 4-bit with --dtype auto on CPU")
+                        "layers 4-bit with q4, and with --dtype auto on CPUs with AVX512-VNNI")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--tokenizer", default=None, help="directory to load the tokenizer from (default: the model's; "
                                                      "a model without tokenizer files takes token ids only)")
@@ -155,7 +155,7 @@ def _keeps_q4_here(source) -> bool:
     from tpserve.models.loading import resolve_device
     from tpserve.parallel import matvec
 
-    return (str(source).endswith(".gguf") and resolve_device(None).type == "cpu" and matvec.available()
+    return (str(source).endswith(".gguf") and resolve_device(None).type == "cpu" and matvec.native_q4()
             and keeps_q4(source))
 
 

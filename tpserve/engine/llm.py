@@ -104,8 +104,9 @@ class LLM:
         ``max_num_seqs``: sequences decoding at once; ``enable_prefix_caching``: reuse the cache
         blocks of a prompt prefix seen before. ``dtype="auto"``: bfloat16 on CUDA; on CPU a
         bfloat16 checkpoint stays bfloat16 where the CPU has AVX512-BF16, else float32; a GGUF
-        file (the default model's too) keeps its Q4_0 / Q4_1 layers 4-bit on CPU (with bfloat16
-        or float32 for the rest, by the same rule), where any other dtype dequantizes it.
+        file (the default model's too) keeps its Q4_0 / Q4_1 layers 4-bit on CPUs with
+        AVX512-VNNI (with bfloat16 or float32 for the rest, by the same rule), where any other
+        dtype dequantizes it.
         ``quantization="int8"``: int8 weights with one scale per output row (the LM head keeps
         ``dtype``), about half of bf16's bytes per token; ``"q4"``: 4-bit weights in groups of
         32 with a float16 scale and min each (a GGUF file's own, else quantized at load)."""
@@ -211,19 +212,22 @@ class LLM:
     @staticmethod
     def _resolve(model, dtype, device, quantization, tp: int) -> Path:
         """The model's directory. A GGUF file (the default model's too) keeps its 4-bit layers
-        where that is the fast way on this machine: on CPU with tpserve's kernels, with dtype
-        auto and no other quantization (or with ``quantization="q4"``), and at a TP degree that
-        splits them into whole groups; otherwise it is dequantized."""
+        with ``quantization="q4"`` on CPU, and with dtype auto where that is the fast way on this
+        machine (tpserve's AVX512-VNNI kernel) at a TP degree that splits them into whole groups;
+        otherwise it is dequantized."""
         from tpserve.models.layout import layout
         from tpserve.models.loading import load_config, resolve_device
 
-        wanted = quantization == "q4" or (dtype in (None, "auto") and not quantization)
-        keep_q4 = wanted and resolve_device(device).type == "cpu" and matvec.available()
+        auto = dtype in (None, "auto") and not quantization
+        keep_q4 = (resolve_device(device).type == "cpu" and matvec.available()
+                   and (quantization == "q4" or (auto and matvec.native_q4())))
         path = resolve_model_path(model, keep_q4)
         if keep_q4 and checkpoint_quantization(load_config(path)) == "q4":
             try:
-                layout(load_config(path), tp)
+                layout(load_config(path), tp)  # before any worker starts
             except ValueError as exc:
+                if not auto:
+                    raise
                 warnings.warn(f"tpserve: the model's 4-bit layers do not split at TP={tp} ({exc}); "
                               "running it dequantized", stacklevel=3)
                 path = resolve_model_path(model)

@@ -267,12 +267,13 @@ constexpr int64_t QGROUP = 32;
 
 // One activation matrix quantized per group, laid out as the vector loop reads it: per block of four
 // groups, 64 bytes of the groups' first halves (group gi's at 16 * gi), 64 of their second halves,
-// and 16 float lanes of dx (lane l: group l / 4's) and of dx * sum(xq) / 4 (the min term, spread over
-// the four lanes of its group). Zero past the last group, so the loop reads whole blocks.
+// and 16 float lanes of dx (lane l: group l / 4's); and per group dx * sum(xq), which the groups'
+// mins multiply. Zero past the last group (to whole blocks of 16 groups), so loops read whole vectors.
 struct QActs {
-  int64_t blocks;
+  int64_t blocks, groups;      // blocks of 4 groups; groups rounded up to a multiple of 16
   std::vector<int8_t> lo, hi;  // [M, blocks * 64]
-  std::vector<float> dx, xs;   // [M, blocks * 16]
+  std::vector<float> dx;       // [M, blocks * 16]
+  std::vector<float> xs;       // [M, groups]
 };
 
 template <typename X>
@@ -280,10 +281,11 @@ QActs quantize_acts(const X* x, int64_t M, int64_t K) {
   const int64_t G = K / QGROUP;
   QActs q;
   q.blocks = (G + 3) / 4;
+  q.groups = (G + 15) / 16 * 16;
   q.lo.assign(M * q.blocks * 64, 0);
   q.hi.assign(M * q.blocks * 64, 0);
   q.dx.assign(M * q.blocks * 16, 0.f);
-  q.xs.assign(M * q.blocks * 16, 0.f);
+  q.xs.assign(M * q.groups, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       float xg[QGROUP];
@@ -300,10 +302,8 @@ QActs quantize_acts(const X* x, int64_t M, int64_t K) {
         (j < 16 ? lo[j] : hi[j - 16]) = static_cast<int8_t>(v);
         sum += v;
       }
-      for (int64_t t = 0; t < 4; ++t) {
-        q.dx[(m * q.blocks + b) * 16 + 4 * gi + t] = d;
-        q.xs[(m * q.blocks + b) * 16 + 4 * gi + t] = d * static_cast<float>(sum) * 0.25f;
-      }
+      for (int64_t t = 0; t < 4; ++t) q.dx[(m * q.blocks + b) * 16 + 4 * gi + t] = d;
+      q.xs[m * q.groups + g] = d * static_cast<float>(sum);
     }
   }
   return q;
@@ -313,11 +313,11 @@ inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define TPSERVE_Q4_VECTORS 1
-// four float16 values (scales or mins of four groups), each spread over its group's four lanes
-inline __m512 spread4(const uint16_t* p, int64_t groups) {
-  const __m128i h = groups >= 4 ? _mm_loadl_epi64((const __m128i*)p) : _mm_maskz_loadu_epi16((__mmask8)((1u << groups) - 1), p);
-  const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+// up to 16 float16 values from p (zeros past `count`), as floats
+inline __m512 load16h(const uint16_t* p, int64_t count) {
+  const __m256i h = count >= 16 ? _mm256_loadu_si256((const __m256i*)p)
+                                : _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p);
+  return _mm512_cvtph_ps(h);
 }
 
 template <int A, int R, typename Store>
@@ -328,20 +328,37 @@ void q4_vector_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, cons
   __m512 acc[A][R];
   for (int i = 0; i < A; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < xa.blocks; ++b) {
-    const int64_t groups = std::min<int64_t>(4, G - 4 * b);
+  // the min term first: sum over groups of min * dx * sum(xq), 16 groups a vector
+  for (int64_t g = 0; g < G; g += 16) {
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wp = qw + (n + r) * row + b * 64;
+      const __m512 mv = load16h(mn + (n + r) * G + g, G - g);
+      for (int i = 0; i < A; ++i) acc[i][r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xa.xs.data() + (m + i) * xa.groups + g), acc[i][r]);
+    }
+  }
+  // then the scaled integer dot products, a block of four groups (64 bytes of weights) at a time; the
+  // scales of 16 groups are converted once and each block's four spread over their groups' lanes
+  const __m512i spread[4] = {
+      _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+      _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4),
+      _mm512_set_epi32(11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8),
+      _mm512_set_epi32(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12)};
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* wr = qw + (n + r) * row;
+    __m512 s16 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < xa.blocks; ++b) {
+      const int64_t groups = std::min<int64_t>(4, G - 4 * b);
+      if (b % 4 == 0) s16 = load16h(sc + (n + r) * G + 4 * b, G - 4 * b);
+      const uint8_t* wp = wr + b * 64;
       _mm_prefetch((const char*)wp + AHEAD, _MM_HINT_T0);
       const __m512i w = groups == 4 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8((1ull << (16 * groups)) - 1, wp);
       const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-      const __m512 sv = spread4(sc + (n + r) * G + 4 * b, groups), mv = spread4(mn + (n + r) * G + 4 * b, groups);
+      const __m512 sv = _mm512_permutexvar_ps(spread[b % 4], s16);
       for (int i = 0; i < A; ++i) {
         const int64_t at = (m + i) * xa.blocks + b;
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xa.lo.data() + at * 64));
         d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xa.hi.data() + at * 64));
-        const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xa.dx.data() + at * 16));
-        acc[i][r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xa.xs.data() + at * 16), _mm512_fmadd_ps(f, sv, acc[i][r]));
+        const __m512 sdx = _mm512_mul_ps(sv, _mm512_loadu_ps(xa.dx.data() + at * 16));
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sdx, acc[i][r]);
       }
     }
   }
@@ -368,7 +385,7 @@ void q4_plain_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, const
         int d = 0;
 #pragma omp simd reduction(+ : d)
         for (int j = 0; j < 16; ++j) d += (wq[j] & 15) * lo[j] + (wq[j] >> 4) * hi[j];
-        const float dx = xa.dx[at * 16 + 4 * gi], xs = 4.f * xa.xs[at * 16 + 4 * gi];
+        const float dx = xa.dx[at * 16 + 4 * gi], xs = xa.xs[(m + i) * xa.groups + g];
         s += static_cast<float>(d) * dx * half_to_float(sc[(n + r) * G + g]) + half_to_float(mn[(n + r) * G + g]) * xs;
       }
       sums[i * ROWS + r] = s;
