@@ -215,11 +215,12 @@ def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
     print(f"wrote {path}")
 
 
-def bytes_per_token(path, dtype: str) -> int:
+def bytes_per_token(path, dtype: str, gguf: bool = False) -> int:
     """Weight bytes one decoded token reads in ``dtype`` (a --dtype choice): all of them, but
     only one row of an untied input embedding (a tied one is read whole as the LM head). int8
     reads one byte per linear weight (and a scale per row), q4 half a byte (and a float16 scale
-    and min per 32), the embedding and head in their compute dtype."""
+    and min per 32), the embedding and head in their compute dtype (``gguf``: q4 keeps the GGUF
+    file's Q8_0 embedding and tied head, 34 bytes per 32)."""
     from tpserve.checkpoint.safetensors_io import open_checkpoint
 
     refs = open_checkpoint(path)
@@ -232,6 +233,8 @@ def bytes_per_token(path, dtype: str) -> int:
         linear = dtype in ("int8", "q4") and name.endswith("proj.weight")
         if linear and dtype == "q4":  # half a byte a weight, a float16 scale and min per 32
             total += n // 2 + 4 * (n // 32)
+        elif gguf and dtype == "q4" and name == "model.embed_tokens.weight":
+            total += n // 32 * 34
         else:
             total += n + 4 * r.shape[0] if linear else n * compute
     return total
@@ -271,7 +274,8 @@ def main() -> None:
         args.model = str(make_checkpoint(args.dir, MODEL_281M, "llama-281m-fp32-v1"))
     shm.extension()  # built once here, not timed inside a first call
     path = resolve_model_path(args.model)
-    per_token = {d: bytes_per_token(path, d) for d in args.dtype}
+    from_gguf = args.model is None or str(args.model).endswith(".gguf")
+    per_token = {d: bytes_per_token(path, d, from_gguf) for d in args.dtype}
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
     threads = torch.get_num_threads()
     rows = []

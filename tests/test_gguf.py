@@ -487,8 +487,8 @@ def test_cache_dir(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kind", [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1])
 def test_q4_layers_stay_4bit_and_equal_the_dequantized_file(tmp_path, kind):
-    """keep_q4 writes each Q4 layer's blocks as they are (Q/K rows un-permuted like the rest):
-    dequantized, they are exactly the dense conversion's float32 weights."""
+    """keep_q4 writes each Q4 layer's blocks, and the Q8_0 embedding's, as they are (Q/K rows
+    un-permuted like the rest): dequantized, they are exactly the dense conversion's float32 weights."""
     from safetensors.torch import load_file
 
     from tpserve.parallel import matvec
@@ -507,7 +507,12 @@ def test_q4_layers_stay_4bit_and_equal_the_dequantized_file(tmp_path, kind):
         q, scale, minv = kept[name], kept[name + "_scale"], kept[name + "_min"]
         assert q.dtype == torch.uint8 and scale.dtype == minv.dtype == torch.float16
         assert torch.equal(matvec.dequantize_q4(q, scale, minv), dense[name]), name
-    assert torch.equal(kept["model.embed_tokens.weight"], dense["model.embed_tokens.weight"].bfloat16())
+    # the Q8_0 embedding (and so a tied head) keeps its blocks too: int8 and a float16 scale per 32
+    emb, emb_scale = kept["model.embed_tokens.weight"], kept["model.embed_tokens.weight_scale"]
+    assert emb.dtype == torch.int8 and emb_scale.shape == (emb.shape[0], HIDDEN // 32)
+    assert config["quantization_config"]["embedding"] == "q8_0"
+    assert torch.equal(matvec.dequantize_q8(emb, emb_scale), dense["model.embed_tokens.weight"])
+    assert torch.equal(kept["lm_head.weight"], dense["lm_head.weight"].bfloat16())  # F32 in the file: bf16
 
 
 def test_only_all_q4_files_stay_4bit(tmp_path, monkeypatch):

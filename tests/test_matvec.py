@@ -197,3 +197,58 @@ def test_q4_kernel_inside_torch_compile():
     x = torch.randn(2, 64).bfloat16()
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def _q8_reference(x: torch.Tensor, qweight, scale) -> torch.Tensor:
+    """The Q8_0 kernel's math in float64: int8 activations per group of 32, exact group dots."""
+    rows, k = x.shape
+    g = x.float().reshape(rows, k // 32, 32)
+    amax = g.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)
+    xq = torch.round((g * inv[..., None]).clamp(-127, 127)).double()
+    dots = torch.einsum("mgj,ngj->mng", xq, qweight.reshape(qweight.shape[0], k // 32, 32).double())
+    return (dots * scale.double()[None] * (amax / 127).double()[:, None]).sum(-1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("n,k", [(37, 64), (64, 96), (5, 1024), (33, 160), (100, 544)])  # 2, 3, 32, 5, 17 groups
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_kernel_is_its_integer_math(rows, n, k, dtype):
+    if not matvec.available():
+        pytest.skip("no compiler: int8 groups multiply by a dequantized copy")
+    torch.manual_seed(rows * 100 + n + k)
+    qweight, scale = matvec.quantize_q8(torch.randn(n, k))
+    x, b = torch.randn(rows, k).to(dtype), torch.randn(n)
+    with torch.inference_mode():
+        got = layers.linear(x, qweight, b, scale)
+        partial = layers.linear(x, qweight, None, scale, float_out=True)
+    ref = _q8_reference(x, qweight, scale)
+    assert got.dtype == dtype and partial.dtype == torch.float32
+    torch.testing.assert_close(partial.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    dense = F.linear(x.float(), matvec.dequantize_q8(qweight, scale), b)
+    assert (got.float() - dense).abs().max() <= 0.03 * dense.abs().max()
+
+
+def test_q8_round_trip_prefill_and_an_int8_group_embedding():
+    """Q8_0's groups reconstruct within half a step; many rows take the dequantized product; an
+    embedding and its tied head holding them look up and multiply with the same numbers."""
+    torch.manual_seed(0)
+    w = torch.randn(50, 64)
+    qweight, scale = matvec.quantize_q8(w)
+    dense = matvec.dequantize_q8(qweight, scale)
+    assert (dense - w).abs().max() <= scale.float().max() * 0.51 + 1e-3
+    x = torch.randn(matvec.Q4_KERNEL_ROWS + 1, 64)
+    torch.testing.assert_close(matvec.q8_linear(x, qweight, scale), F.linear(x, dense))
+    from torch._C._distributed_c10d import FakeProcessGroup
+    from torch.nn import Parameter
+
+    one = FakeProcessGroup._create_internal(0, 1)  # TP=1: the layers never communicate
+    emb = layers.VocabParallelEmbedding(50, 64, group=one, dtype=torch.bfloat16, init=False)
+    emb.weight, emb.weight_scale = Parameter(qweight, requires_grad=False), Parameter(scale, requires_grad=False)
+    head = layers.ParallelLMHead(64, 50, group=one, dtype=torch.bfloat16, init=False)
+    head.tie_weights(emb)
+    ids = torch.tensor([3, 0, 49, 3])
+    with torch.inference_mode():
+        assert torch.equal(emb(ids), dense[ids].bfloat16())
+        h = torch.randn(2, 64).bfloat16()
+        torch.testing.assert_close(head(h), matvec.q8_linear(h, qweight, scale, float_out=True).float())

@@ -3,8 +3,8 @@
 The engine loads ordinary transformers checkpoints (config.json + model.safetensors + tokenizer),
 so a GGUF file is renamed once, then loaded like any other checkpoint: dequantized (a directory
 transformers reads too), or with its 4-bit layers kept as the file holds them (``keep_q4``: Q4_0 /
-Q4_1 blocks as tpserve's ``q4`` weights, the rest in bfloat16), which the engine then runs
-from about the file's size.
+Q4_1 blocks as tpserve's ``q4`` weights, a Q8_0 embedding as int8 groups, the rest in bfloat16),
+which the engine then runs from about the file's size.
 The output directory appears atomically (built in a hidden sibling, then renamed), so a crash
 or a concurrent converter can never leave a directory that looks complete but is not.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpserve.parallel.quantize import Q4_CONFIG
+from tpserve.parallel.quantize import Q4_CONFIG, Q8_EMBEDDING
 from tpserve.utils.dtypes import DTYPE_NAME, MODEL_DTYPES
 from tpserve.utils.fs import build_dir, fsync_path, publish_dir
 
@@ -126,6 +126,8 @@ def convert_gguf(
     config = _llama_config(reader, meta, gguf_path, dtype)
     if keep_q4:
         config["quantization_config"] = dict(Q4_CONFIG)
+        if _embedding_type(reader) == "Q8_0":  # kept as its blocks too (and the tied head with it)
+            config["quantization_config"]["embedding"] = Q8_EMBEDDING
     # Everything is read and checked before touching the disk, so a bad file fails fast.
     state_dict = _state_dict(reader, config, gguf_path, dtype, keep_q4)
     tokenizer = _tokenizer(gguf_path, meta, config)
@@ -324,6 +326,19 @@ def keeps_q4(path: str | os.PathLike) -> bool:
     return bool(layers) and all(t.tensor_type.name in _Q4_BLOCK_BYTES for t in layers)
 
 
+def _embedding_type(reader: Any) -> str | None:
+    return next((t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight"), None)
+
+
+def _q8_tensors(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 tensor's blocks as (int8 [N, K], float16 scale [N, K / 32]): w = q * scale."""
+    raw = np.asarray(t.data)
+    blocks = raw.reshape(raw.shape[0], -1, 34)  # float16 d, then 32 int8
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
+    return torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(d))
+
+
 def _q4_tensors(t: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_0 / Q4_1 tensor's blocks as (nibbles [N, K / 2], scale, min [N, K / 32]): Q4_1's
     ``d * q + m`` is ``scale * q + min`` as it stands, Q4_0's ``d * (q - 8)`` has min ``-8 d``."""
@@ -367,6 +382,12 @@ def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dt
                 if name.endswith(f"{part}.weight"):
                     q, scale, minv = (_unpermute_rope_rows(x, n_head).contiguous() for x in (q, scale, minv))
             out[name], out[name + "_scale"], out[name + "_min"] = q, scale, minv
+            continue
+        if keep_q4 and name == "model.embed_tokens.weight" and t.tensor_type.name == "Q8_0":
+            q, scale = _q8_tensors(t)
+            if tuple(q.shape) != expected[name]:
+                raise ValueError(f"{path}: tensor {t.name!r} holds {tuple(q.shape)} int8 values, expected {expected[name]}")
+            out[name], out[name + "_scale"] = q, scale
             continue
         try:
             data = dequantize(t.data, t.tensor_type)

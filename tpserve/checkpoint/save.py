@@ -25,7 +25,7 @@ from torch import nn
 from tpserve.parallel.agree import gather_agreed, raise_first
 from tpserve.parallel.comm import broadcast_object, group_rank, group_size
 from tpserve.parallel.partition import slice_shape
-from tpserve.parallel.quantize import CONFIGS
+from tpserve.parallel.quantize import quantization_config
 from tpserve.parallel.shards import param_shards
 from tpserve.parallel.training import model_group
 from tpserve.utils.dtypes import DTYPE_NAME
@@ -227,8 +227,8 @@ def _saved_config_updates(model: nn.Module) -> dict:
     """What config.json must say beyond the live config for ``LLM`` to serve the checkpoint: the
     architecture (a transformers model built from a config has none) and the weights' dtype."""
     updates: dict = {}
-    if getattr(model, "quantization", None) in CONFIGS:
-        updates["quantization_config"] = CONFIGS[model.quantization]
+    if quantization_config(model) is not None:
+        updates["quantization_config"] = quantization_config(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "source_path", None) is None and not getattr(config, "architectures", None):
         updates["architectures"] = [type(model).__name__]

@@ -26,7 +26,7 @@ DEFAULT_KV_CAP = 4 << 30  # per rank
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    w = model.model.embed_tokens.weight  # the compute dtype (linear weights may be int8)
+    w = model.model.norm.weight  # the compute dtype (linear weights and the embedding may be quantized)
     return w.device, w.dtype
 
 

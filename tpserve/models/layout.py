@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tpserve.parallel.quantize import checkpoint_quantization, prepare
+from tpserve.parallel.quantize import checkpoint_quantization, prepare, q8_embedding
 from tpserve.parallel.shards import Shard, param_shards
 
 from .registry import model_class
@@ -26,6 +26,7 @@ def layout(config, tp: int) -> list[dict[str, Shard]]:
         with torch.device("meta"):  # the layers only ask the group for its rank and size
             model = cls(config, group=FakeProcessGroup._create_internal(rank, tp))
             if quantized:
-                prepare(model, quantized)
+                prepare(model, quantized, q8_embedding(config))
+                model.tie_weights()
             ranks.append(param_shards(model))
     return ranks

@@ -32,7 +32,7 @@ from tpserve.parallel import (
     head_ranges,
 )
 from tpserve.parallel.comm import patience
-from tpserve.parallel.layers import REDUCE_ROWS
+from tpserve.parallel.layers import REDUCE_ROWS, fuse_columns, fused_forward
 
 from .attention import Step, attend, make_step
 from .norm_rope import rms_norm, rope
@@ -179,12 +179,17 @@ class Attention(nn.Module):
         per_kv = self.num_local_heads // self.num_local_kv
         self.gqa_uniform = self.kv_of_q == [i // per_kv for i in range(self.num_local_heads)]
         self.kv_index = torch.tensor(self.kv_of_q, dtype=torch.long)
+        self.qkv = None  # q/k/v as one product (fuse_projections), for inference
 
     def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         n = x.shape[0]  # tokens flattened: [N, hidden]
-        q = self.q_proj(x).view(n, self.num_local_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_local_kv, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_local_kv, self.head_dim)
+        if self.qkv is not None and not torch.is_grad_enabled():
+            q, k, v = (t.contiguous() for t in fused_forward(x, self.qkv))  # (a no-op for one row)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(n, self.num_local_heads, self.head_dim)
+        k = k.reshape(n, self.num_local_kv, self.head_dim)
+        v = v.reshape(n, self.num_local_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, step.cos, step.sin)
@@ -201,9 +206,14 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(h, i, spec.mlp_bias, **kw)
         self.up_proj = ColumnParallelLinear(h, i, spec.mlp_bias, **kw)
         self.down_proj = RowParallelLinear(i, h, spec.mlp_bias, **kw)
+        self.gate_up = None  # gate/up as one product (fuse_projections), for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = fused_forward(x, self.gate_up)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -299,6 +309,17 @@ class LlamaForCausalLM(nn.Module):
     @property
     def decode_compiled(self) -> bool:
         return self._decode_layer is not None
+
+    def fuse_projections(self) -> int:
+        """Each layer's q/k/v and gate/up as one product each, for inference: three calls fewer a
+        layer, and larger products for the threads to split. Returns how many were fused."""
+        count = 0
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv = fuse_columns([a.q_proj, a.k_proj, a.v_proj])
+            m.gate_up = fuse_columns([m.gate_proj, m.up_proj])
+            count += (a.qkv is not None) + (m.gate_up is not None)
+        return count
 
     def tie_weights(self) -> None:
         if self.spec.tie_word_embeddings:

@@ -12,7 +12,14 @@ from tpserve.checkpoint.safetensors_io import CheckpointError, open_checkpoint
 from tpserve.parallel import get_group, group_rank, matvec
 from tpserve.parallel.agree import describe, gather_agreed
 from tpserve.parallel.layers import load_shard
-from tpserve.parallel.quantize import check_quantization, checkpoint_quantization, prepare, quantize_int8, quantize_q4
+from tpserve.parallel.quantize import (
+    check_quantization,
+    checkpoint_quantization,
+    prepare,
+    q8_embedding,
+    quantize_int8,
+    quantize_q4,
+)
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
@@ -184,12 +191,15 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.native_bf16()):
         use_decode_layout(model)  # (bf16's own kernel reads the usual layout)
     if stored:
-        prepare(model, stored)
+        prepare(model, stored, q8_embedding(config))
+        model.tie_weights()
     model.init_buffers(device)
     load_weights(model, path, group, progress=progress)
     if quantization and not stored:
         (quantize_int8 if quantization == "int8" else quantize_q4)(model)
     model.eval().requires_grad_(False)
+    if hasattr(model, "fuse_projections"):
+        model.fuse_projections()
     model.source_path = path
     model.quantization = stored or quantization
     if compile:

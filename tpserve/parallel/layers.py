@@ -67,7 +67,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``, by the fastest path for the weight's dtype and the number of rows.
 
     - A 4-bit weight (uint8, two values a byte; ``scale`` and ``minv`` per row and group of 32,
-      ``matvec.q4_linear``), an int8 weight (``scale``: one per output row) and, on CPUs with AVX512-BF16, a bf16
+      ``matvec.q4_linear``), an int8 weight (``scale``: one per output row, or per row and group
+      of 32 for GGUF's Q8_0, ``matvec.q8_linear``) and, on CPUs with AVX512-BF16, a bf16
       weight at a few rows (a decode step) go through ``matvec``'s kernels, which stream the
       weight at memory speed where torch's products reach about half of it.
     - Otherwise, inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows is written as
@@ -82,6 +83,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if weight.dtype is torch.uint8:
         return matvec.q4_linear(x, weight, scale, minv, bias, float_out)
+    if scale is not None and scale.dim() == 2:  # int8 with a scale per row and group of 32
+        return matvec.q8_linear(x, weight, scale, bias, float_out)
     if scale is not None:
         return matvec.int8_linear(x, weight, scale, bias, float_out)
     if weight.dtype is torch.bfloat16:
@@ -206,6 +209,45 @@ class ColumnParallelLinear(_TPModule):
                 f"(rank {self.tp_rank}: rows {self.out_start}:{self.out_end}), gather_output={self.gather_output}")
 
 
+def fuse_columns(mods: list[ColumnParallelLinear]) -> tuple | None:
+    """One product for several column-parallel layers of the same input (q/k/v, gate/up), for
+    inference, as nano-vllm's merged layers give: ``(weight, bias, scale, min, sizes)`` for
+    :func:`fused_forward`, or None where they cannot share one (dtypes or layouts differ). Each
+    layer's parameters become row views of the fused tensors, so loading, saving and ``shard_of``
+    see what they saw before, and a load into the layers writes the fused tensors too."""
+    names = ("weight", "bias", "weight_scale", "weight_min")
+    first = mods[0]
+    for m in mods:
+        for name in names:
+            a, b = getattr(m, name), getattr(first, name)
+            if (a is None) != (b is None) or (a is not None and (a.dtype != b.dtype or a.shape[1:] != b.shape[1:]
+                                                                  or not a.is_contiguous() or a.requires_grad)):
+                return None
+        if m.gather_output or m.weight.is_meta:
+            return None
+    fused = []
+    for name in names:
+        parts = [getattr(m, name) for m in mods]
+        if parts[0] is None:
+            fused.append(None)
+            continue
+        whole = torch.cat([p.detach() for p in parts], dim=0)
+        start = 0
+        for m, p in zip(mods, parts):
+            view = nn.Parameter(whole[start:start + p.shape[0]], requires_grad=False)
+            view.weight_loader = m.weight_loader
+            setattr(m, name, view)
+            start += p.shape[0]
+        fused.append(whole)
+    return (*fused, [m.weight.shape[0] for m in mods])
+
+
+def fused_forward(x: torch.Tensor, fused: tuple) -> tuple[torch.Tensor, ...]:
+    """The outputs of the layers :func:`fuse_columns` merged, from one product."""
+    weight, bias, scale, minv, sizes = fused
+    return linear(x, weight, bias, scale, minv=minv).split(sizes, dim=-1)
+
+
 class RowParallelLinear(_TPModule):
     """``y = x W^T + b`` with W's columns (input features) split; partial sums are all-reduced
     and the bias, held whole on every rank, is added once after the reduce."""
@@ -280,8 +322,18 @@ class VocabParallelEmbedding(_TPModule):
         self.vocab_start, self.vocab_end = partition_range(num_embeddings, self.tp_size, self.tp_rank, 1, what)
         self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim, device=device, dtype=dtype))
         self.weight.weight_loader = self.weight_loader
+        # int8 rows with a float16 scale per group of 32 (GGUF's Q8_0, parallel.quantize), which
+        # lookups dequantize to ``out_dtype``
+        self.register_buffer("weight_scale", None)
+        self.out_dtype = dtype or torch.get_default_dtype()
         if init and not self.weight.is_meta:
             nn.init.normal_(self.weight)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of this rank's table (dequantized when it holds int8 groups)."""
+        if self.weight_scale is None:
+            return F.embedding(ids, self.weight)
+        return matvec.dequantize_q8(F.embedding(ids, self.weight), F.embedding(ids, self.weight_scale), self.out_dtype)
 
     def shard_of(self, param: torch.Tensor) -> tuple[int | None, int, int, int]:
         return 0, self.vocab_start, self.vocab_end, self.num_embeddings
@@ -293,10 +345,10 @@ class VocabParallelEmbedding(_TPModule):
                 f"{self.num_embeddings} entries"
             )
         if self.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self.lookup(local).masked_fill(outside.unsqueeze(-1), 0.0)
         if torch.is_grad_enabled() and out.requires_grad:
             return reduce_from_tp_region(out, self.group)
         return comm.all_reduce_sum(out, self.group)
@@ -386,9 +438,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         if (embedding.vocab_start, embedding.vocab_end, embedding.embedding_dim) != (self.vocab_start, self.vocab_end, self.embedding_dim):
             raise ValueError("cannot tie: the embedding and the LM head are split differently")
         self.weight = embedding.weight
+        if embedding.weight_scale is not None:  # int8 groups: the head multiplies with them as they are
+            self.weight_scale = embedding.weight_scale
 
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
-        logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, float_out=True).float()
+        logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, self.weight_scale, float_out=True).float()
         return self.gather(logits, self.gather_output if gather_output is None else gather_output)
 
     def gather(self, logits: torch.Tensor, mode: bool | str) -> torch.Tensor | None:

@@ -91,6 +91,17 @@ def _(x, weight, scale, bias, float_out):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32 if float_out else x.dtype)
 
 
+@torch.library.custom_op("tpserve::q8_linear", mutates_args=())
+def _q8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  float_out: bool) -> torch.Tensor:
+    return _ext.q8_linear(x, qweight, scale, bias, float_out)
+
+
+@_q8_linear_op.register_fake
+def _(x, qweight, scale, bias, float_out):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32 if float_out else x.dtype)
+
+
 @torch.library.custom_op("tpserve::q4_linear", mutates_args=())
 def _q4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,
                   bias: torch.Tensor | None, float_out: bool) -> torch.Tensor:
@@ -156,6 +167,38 @@ def q4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minv:
         op = _q4_linear_op if torch.compiler.is_compiling() else _ext.q4_linear
         return _out(op(_rows(x), qweight, scale, minv, bias, float_out), x)
     return F.linear(x, dequantize_q4(qweight, scale, minv, x.dtype), bias)
+
+
+def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              float_out: bool = False) -> torch.Tensor:
+    """``x W^T + bias`` for an int8 W with a float16 scale per row and group of 32 inputs (GGUF's
+    Q8_0): the kernel at a few rows, as :func:`q4_linear`; else one dequantized copy."""
+    k = x.shape[-1]
+    if x.device.type == "cpu" and 0 < x.numel() <= Q4_KERNEL_ROWS * k and available():
+        op = _q8_linear_op if torch.compiler.is_compiling() else _ext.q8_linear
+        return _out(op(_rows(x), qweight, scale, bias, float_out), x)
+    return F.linear(x, dequantize_q8(qweight, scale, x.dtype), bias)
+
+
+def dequantize_q8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [N, K] weight ``q * scale`` of int8 ``qweight`` with ``scale`` [N, K / 32]
+    (any leading rows: an embedding lookup dequantizes only the rows it took)."""
+    n, groups = scale.shape[-2:]
+    q = qweight.reshape(*qweight.shape[:-1], groups, Q4_GROUP).float()
+    return (q * scale.float()[..., None]).reshape(qweight.shape).to(dtype)
+
+
+def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qweight, scale)`` of ``weight`` [N, K] as GGUF's Q8_0 makes them: per group of 32,
+    ``scale`` is the largest |w| / 127 (float16)."""
+    n, k = weight.shape
+    if k % Q4_GROUP:
+        raise ValueError(f"8-bit groups need an input width that is a multiple of {Q4_GROUP}, not {k}")
+    g = weight.detach().float().reshape(n, k // Q4_GROUP, Q4_GROUP)
+    scale = (g.abs().amax(-1) / INT8_MAX).half()
+    step = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    q = torch.round(g / step[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(n, k).contiguous(), scale
 
 
 def dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor,

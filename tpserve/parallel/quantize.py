@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import comm, matvec
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 QUANTIZATIONS = ("int8", "q4")  # what LLM(quantization=...) / --quantization accept
 
@@ -27,6 +27,28 @@ INT8_CONFIG = {"quant_method": "tpserve-int8", "bits": 8, "symmetric": True, "sc
 Q4_CONFIG = {"quant_method": "tpserve-q4", "bits": 4, "group_size": matvec.Q4_GROUP,
              "layout": "GGUF Q4 blocks: w = q * scale + min; float16 scale and min per row and group"}
 CONFIGS = {"int8": INT8_CONFIG, "q4": Q4_CONFIG}
+Q8_EMBEDDING = "q8_0"  # quantization_config["embedding"]: the embedding (and a tied head) in GGUF's Q8_0 groups
+
+
+def _config_dict(config) -> dict:
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    return q if isinstance(q, dict) else (q.to_dict() if hasattr(q, "to_dict") else {})
+
+
+def q8_embedding(config) -> bool:
+    """Whether the checkpoint holds its input embedding as int8 groups of 32 (GGUF's Q8_0)."""
+    return _config_dict(config).get("embedding") == Q8_EMBEDDING
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """What a saved checkpoint of ``model`` must say about its quantized tensors, read off the model."""
+    q = getattr(model, "quantization", None)
+    if q not in CONFIGS:
+        return None
+    out = dict(CONFIGS[q])
+    if any(type(m) is VocabParallelEmbedding and m.weight_scale is not None for m in model.modules()):
+        out["embedding"] = Q8_EMBEDDING
+    return out
 
 
 def checkpoint_quantization(config) -> str | None:
@@ -70,8 +92,21 @@ def _check_q4(mod: nn.Module) -> None:
                          f"{matvec.Q4_GROUP}; choose another TP degree or a dense dtype (--dtype float32 / bfloat16)")
 
 
-def prepare(model: nn.Module, quantization: str) -> None:
-    """Give every linear layer empty quantized weights (and scales, mins), to load a checkpoint saved so."""
+def prepare(model: nn.Module, quantization: str, embedding_q8: bool = False) -> None:
+    """Give every linear layer empty quantized weights (and scales, mins), to load a checkpoint
+    saved so; ``embedding_q8``: the input embedding too, as int8 groups (tie the head again after)."""
+    if embedding_q8:
+        for mod in model.modules():
+            if type(mod) is VocabParallelEmbedding and mod.weight_scale is None:
+                w = mod.weight
+                if w.shape[1] % matvec.Q4_GROUP:
+                    raise ValueError(f"an int8-group embedding needs a width that is a multiple of {matvec.Q4_GROUP}")
+                mod.out_dtype = w.dtype
+                mod.weight = nn.Parameter(torch.empty(w.shape, dtype=torch.int8, device=w.device), requires_grad=False)
+                mod.weight_scale = nn.Parameter(torch.empty(w.shape[0], w.shape[1] // matvec.Q4_GROUP,
+                                                            dtype=torch.float16, device=w.device), requires_grad=False)
+                for p in (mod.weight, mod.weight_scale):
+                    p.weight_loader = mod.weight_loader
     for mod in _linears(model):
         w = mod.weight
         if quantization == "int8" and w.dtype != torch.int8:

@@ -438,6 +438,142 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
 }
 
+// ---- int8 weights in groups of 32 with a float16 scale each, as GGUF's Q8_0 blocks hold them ----
+//
+// w = q * scale. The activations are quantized per group of 32 as above, then offset by 128: VNNI
+// multiplies unsigned bytes by signed ones, and sum_j (xq_j + 128) q_j = sum_j xq_j q_j + 128 sum_j q_j,
+// where sum_j q_j is one more dot product, with ones, per weight block (not per activation row).
+
+struct Q8Acts {
+  int64_t blocks;            // of 64 inputs: two groups
+  std::vector<uint8_t> xu;   // [M, blocks * 64]: xq + 128, in input order; 128 (a zero) past the end
+  std::vector<float> dx;     // [M, blocks * 16]: lane l holds group 2b + l / 8's dx
+};
+
+template <typename X>
+Q8Acts quantize_acts8(const X* x, int64_t M, int64_t K) {
+  const int64_t G = K / QGROUP;
+  Q8Acts q;
+  q.blocks = (G + 1) / 2;
+  q.xu.assign(M * q.blocks * 64, 128);
+  q.dx.assign(M * q.blocks * 16, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float xg[QGROUP];
+      float amax = 0.f;
+      for (int64_t j = 0; j < QGROUP; ++j) {
+        xg[j] = AsFloat{}(x[m * K + g * QGROUP + j]);
+        amax = std::max(amax, std::abs(xg[j]));
+      }
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      uint8_t* out = q.xu.data() + m * q.blocks * 64 + g * QGROUP;
+      for (int64_t j = 0; j < QGROUP; ++j)
+        out[j] = static_cast<uint8_t>(128 + static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, xg[j] * inv)))));
+      for (int64_t t = 0; t < 8; ++t) q.dx[(m * q.blocks + g / 2) * 16 + 8 * (g % 2) + t] = d;
+    }
+  return q;
+}
+
+#if defined(TPSERVE_Q4_VECTORS)
+template <int A, int R, typename Store>
+void q8_vector_tile(const Q8Acts& xa, const int8_t* qw, const uint16_t* sc, int64_t G, int64_t m, int64_t n,
+                    Store&& store) {
+  const int64_t K = G * QGROUP;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i spread[8];  // block b % 8 of 16 groups' scales: its two groups, each over eight lanes
+  for (int t = 0; t < 8; ++t)
+    spread[t] = _mm512_set_epi32(2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1,
+                                 2 * t, 2 * t, 2 * t, 2 * t, 2 * t, 2 * t, 2 * t, 2 * t);
+  __m512 acc[A][R];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const int8_t* wr = qw + (n + r) * K;
+    __m512 s16 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < xa.blocks; ++b) {
+      const int64_t groups = std::min<int64_t>(2, G - 2 * b);
+      if (b % 8 == 0) s16 = load16h(sc + (n + r) * G + 2 * b, G - 2 * b);
+      const int8_t* wp = wr + b * 64;
+      _mm_prefetch((const char*)wp + AHEAD, _MM_HINT_T0);
+      const __m512i w = groups == 2 ? _mm512_loadu_si512(wp) : _mm512_maskz_loadu_epi8((1ull << 32) - 1, wp);
+      const __m512i offset = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w), 7);
+      const __m512 sv = _mm512_permutexvar_ps(spread[b % 8], s16);
+      for (int i = 0; i < A; ++i) {
+        const int64_t at = (m + i) * xa.blocks + b;
+        const __m512i d = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xa.xu.data() + at * 64), w), offset);
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_loadu_ps(xa.dx.data() + at * 16)),
+                                    acc[i][r]);
+      }
+    }
+  }
+  float sums[ACTS * ROWS];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
+  finish(sums, A, R, m, n, store);
+}
+#endif
+
+template <int A, int R, typename Store>
+void q8_plain_tile(const Q8Acts& xa, const int8_t* qw, const uint16_t* sc, int64_t G, int64_t m, int64_t n,
+                   Store&& store) {
+  float sums[ACTS * ROWS];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* xu = xa.xu.data() + (m + i) * xa.blocks * 64 + g * QGROUP;
+        const int8_t* wq = qw + (n + r) * G * QGROUP + g * QGROUP;
+        int d = 0;
+#pragma omp simd reduction(+ : d)
+        for (int j = 0; j < QGROUP; ++j) d += (static_cast<int>(xu[j]) - 128) * wq[j];
+        s += static_cast<float>(d) * xa.dx[((m + i) * xa.blocks + g / 2) * 16 + 8 * (g % 2)] *
+             half_to_float(sc[(n + r) * G + g]);
+      }
+      sums[i * ROWS + r] = s;
+    }
+  finish(sums, A, R, m, n, store);
+}
+
+// x [M, K] float/bf16, qweight [N, K] int8, scale [N, K / 32] float16, bias [N] -> [M, N] in x's dtype
+// (or float32 with `float_out`)
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& bias, bool float_out) {
+  check(x, qweight, bias, "q8_linear");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / QGROUP;
+  TORCH_CHECK(K % QGROUP == 0, "q8_linear: the input width ", K, " is not a multiple of the group size 32");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "q8_linear: the weight must be int8");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == N * G,
+              "q8_linear: scale must be contiguous float16 [N, K / 32]");
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.stride(0) == K;
+  const at::Tensor xf = bf16 ? x : x.to(at::kFloat).contiguous();
+  const Q8Acts xa = bf16 ? quantize_acts8(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()), M, K)
+                         : quantize_acts8(xf.data_ptr<float>(), M, K);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool float_result = float_out || !bf16;
+  auto out = at::empty({M, N}, x.options().dtype(float_result ? at::kFloat : at::kBFloat16));
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  auto run = [&](auto* op) {
+    auto store = [&](int64_t m, int64_t n, float v) {
+      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
+    };
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
+#if defined(TPSERVE_Q4_VECTORS)
+        q8_vector_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, G, m, n, store);
+#else
+        q8_plain_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, G, m, n, store);
+#endif
+      });
+    });
+  };
+  if (float_result) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
+  return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
+}
+
 bool native_q4() {
 #if defined(TPSERVE_Q4_VECTORS)
   return true;
@@ -458,6 +594,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x W^T + b for a few bf16 rows");
   m.def("int8_linear", &int8_linear, "y = (x W^T) * scale + b with an int8 weight");
   m.def("q4_linear", &q4_linear, "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
+  m.def("q8_linear", &q8_linear, "y = x W^T + b with W int8 in groups of 32 (GGUF Q8_0)");
   m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
 }
