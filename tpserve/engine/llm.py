@@ -104,9 +104,9 @@ class LLM:
         ``max_num_seqs``: sequences decoding at once; ``enable_prefix_caching``: reuse the cache
         blocks of a prompt prefix seen before. ``dtype="auto"``: bfloat16 on CUDA; on CPU a
         bfloat16 checkpoint stays bfloat16 where the CPU has AVX512-BF16, else float32; a GGUF
-        file (the default model's too) keeps its Q4_0 / Q4_1 layers 4-bit on CPUs with
-        AVX512-VNNI (with bfloat16 or float32 for the rest, by the same rule), where any other
-        dtype dequantizes it.
+        file (the default model's too) keeps its Q4_0 / Q4_1 layers 4-bit, and a Q8_0 embedding
+        (and tied head) as its int8 groups, on CPUs with AVX512-VNNI (with bfloat16 or float32
+        for the rest, by the same rule), where any other dtype dequantizes it.
         ``quantization="int8"``: int8 weights with one scale per output row (the LM head keeps
         ``dtype``), about half of bf16's bytes per token; ``"q4"``: 4-bit weights in groups of
         32 with a float16 scale and min each (a GGUF file's own, else quantized at load)."""

@@ -1,5 +1,6 @@
-"""Weight-only quantization of a built model's parallel linear layers: int8 with one scale per
-output row, and 4-bit in groups of 32 (GGUF's Q4_0 / Q4_1 blocks, kept as the file holds them)."""
+"""Weight-only quantization of a built model's parallel layers: int8 linear weights with one scale
+per output row; 4-bit ones in groups of 32 (GGUF's Q4_0 / Q4_1 blocks, kept as the file holds
+them); and an input embedding (with the head tied to it) in int8 groups of 32 (GGUF's Q8_0)."""
 
 from __future__ import annotations
 
