@@ -42,6 +42,17 @@ void finish(const float* acc, int64_t acts, int64_t rows, int64_t m, int64_t n, 
     for (int64_t r = 0; r < rows; ++r) store(m + i, n + r, acc[i * ROWS + r]);
 }
 
+#if defined(__AVX512F__)
+// finish() for a tile's A x R vector accumulators, each summed across its lanes
+template <int A, int R, typename Store>
+void finish_vectors(__m512 (&acc)[A][R], int64_t m, int64_t n, Store&& store) {
+  float sums[ACTS * ROWS];
+  for (int i = 0; i < A; ++i)
+    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
+  finish(sums, A, R, m, n, store);
+}
+#endif
+
 // How each weight kind is read: one vector of `STEP` weights (and the matching activations) at a
 // time, whole or masked at a row's tail, and multiplied into float32 accumulators.
 #if defined(__AVX512BF16__)
@@ -109,10 +120,7 @@ void vector_tile(const typename Kind::X* x, int64_t ldx, const typename Kind::W*
       for (int r = 0; r < R; ++r) acc[i][r] = Kind::fma(acc[i][r], xv, wv[r]);
     }
   }
-  float sums[ACTS * ROWS];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
-  finish(sums, A, R, m, n, store);
+  finish_vectors<A, R>(acc, m, n, store);
 }
 #endif
 
@@ -276,6 +284,21 @@ struct QActs {
   std::vector<float> xs;       // [M, groups]
 };
 
+// One group of 32 activations to int8 (symmetric, its largest |x| to 127); returns its scale dx.
+template <typename X>
+float quantize_group(const X* x, int8_t* xq) {
+  float xg[QGROUP];
+  float amax = 0.f;
+  for (int64_t j = 0; j < QGROUP; ++j) {
+    xg[j] = AsFloat{}(x[j]);
+    amax = std::max(amax, std::abs(xg[j]));
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t j = 0; j < QGROUP; ++j)
+    xq[j] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, xg[j] * inv))));
+  return amax / 127.f;
+}
+
 template <typename X>
 QActs quantize_acts(const X* x, int64_t M, int64_t K) {
   const int64_t G = K / QGROUP;
@@ -288,20 +311,13 @@ QActs quantize_acts(const X* x, int64_t M, int64_t K) {
   q.xs.assign(M * q.groups, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
-      float xg[QGROUP];
-      for (int64_t j = 0; j < QGROUP; ++j) xg[j] = AsFloat{}(x[m * K + g * QGROUP + j]);
-      float amax = 0.f;
-      for (int64_t j = 0; j < QGROUP; ++j) amax = std::max(amax, std::abs(xg[j]));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t xq[QGROUP];
+      const float d = quantize_group(x + m * K + g * QGROUP, xq);
       const int64_t b = g / 4, gi = g % 4;
-      int8_t* lo = q.lo.data() + (m * q.blocks + b) * 64 + 16 * gi;
-      int8_t* hi = q.hi.data() + (m * q.blocks + b) * 64 + 16 * gi;
+      std::memcpy(q.lo.data() + (m * q.blocks + b) * 64 + 16 * gi, xq, 16);
+      std::memcpy(q.hi.data() + (m * q.blocks + b) * 64 + 16 * gi, xq + 16, 16);
       int sum = 0;
-      for (int64_t j = 0; j < QGROUP; ++j) {
-        const int v = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, xg[j] * inv))));
-        (j < 16 ? lo[j] : hi[j - 16]) = static_cast<int8_t>(v);
-        sum += v;
-      }
+      for (int64_t j = 0; j < QGROUP; ++j) sum += xq[j];
       for (int64_t t = 0; t < 4; ++t) q.dx[(m * q.blocks + b) * 16 + 4 * gi + t] = d;
       q.xs[m * q.groups + g] = d * static_cast<float>(sum);
     }
@@ -362,10 +378,7 @@ void q4_vector_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, cons
       }
     }
   }
-  float sums[ACTS * ROWS];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
-  finish(sums, A, R, m, n, store);
+  finish_vectors<A, R>(acc, m, n, store);
 }
 #endif
 
@@ -393,6 +406,34 @@ void q4_plain_tile(const QActs& xa, const uint8_t* qw, const uint16_t* sc, const
   finish(sums, A, R, m, n, store);
 }
 
+// What q4_linear and q8_linear share: x's rows quantized by `quantize` (bf16 read in place, any
+// other dtype as a float32 copy), every tile of the [M, N] result by `tile(A, R, acts, m, n, store)`,
+// plus the bias, in bf16 when x is bf16 (unless `float_out`), else float32 and then x's dtype.
+template <typename Quantize, typename Tile>
+at::Tensor grouped_linear(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias, bool float_out,
+                          Quantize&& quantize, Tile&& tile) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.stride(0) == K;
+  const at::Tensor xf = bf16 ? x : x.to(at::kFloat).contiguous();
+  const auto acts = bf16 ? quantize(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()))
+                         : quantize(xf.data_ptr<float>());
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool float_result = float_out || !bf16;
+  auto out = at::empty({M, N}, x.options().dtype(float_result ? at::kFloat : at::kBFloat16));
+  auto run = [&](auto* op) {
+    auto store = [&](int64_t m, int64_t n, float v) {
+      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
+    };
+    over_rows(N, [&](int64_t n0, int64_t n1) {
+      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) { tile(A, R, acts, m, n, store); });
+    });
+  };
+  if (float_result) run(out.data_ptr<float>());
+  else run(out.data_ptr<at::BFloat16>());
+  return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
+}
+
 // x [M, K] float/bf16 (rows contiguous), qweight [N, K / 2] uint8, scale and min [N, K / 32] float16,
 // bias [N] -> [M, N] in x's dtype (or float32 with `float_out`); bf16 is read and written as it is,
 // with no converted copies (a decode step makes hundreds of these calls)
@@ -408,34 +449,18 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                   minv.is_contiguous() && scale.numel() == N * G && minv.numel() == N * G,
               "q4_linear: scale and min must be contiguous float16 [N, K / 32]");
   if (bias.has_value()) TORCH_CHECK(bias->numel() == N, "q4_linear: bias must have one value per output row");
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.stride(0) == K;
-  const at::Tensor xf = bf16 ? x : x.to(at::kFloat).contiguous();
-  const QActs xa = bf16 ? quantize_acts(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()), M, K)
-                        : quantize_acts(xf.data_ptr<float>(), M, K);
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const bool float_result = float_out || x.scalar_type() == at::kFloat || !bf16;
-  auto out = at::empty({M, N}, x.options().dtype(float_result ? at::kFloat : at::kBFloat16));
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(minv.data_ptr<at::Half>());
-  auto run = [&](auto* op) {
-    auto store = [&](int64_t m, int64_t n, float v) {
-      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
-    };
-    over_rows(N, [&](int64_t n0, int64_t n1) {
-      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
+  return grouped_linear(
+      x, N, bias, float_out, [&](const auto* xp) { return quantize_acts(xp, M, K); },
+      [&](auto A, auto R, const QActs& xa, int64_t m, int64_t n, auto&& store) {
 #if defined(TPSERVE_Q4_VECTORS)
         q4_vector_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, mp, G, m, n, store);
 #else
         q4_plain_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, mp, G, m, n, store);
 #endif
       });
-    });
-  };
-  if (float_result) run(out.data_ptr<float>());
-  else run(out.data_ptr<at::BFloat16>());
-  return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
 }
 
 // ---- int8 weights in groups of 32 with a float16 scale each, as GGUF's Q8_0 blocks hold them ----
@@ -459,16 +484,10 @@ Q8Acts quantize_acts8(const X* x, int64_t M, int64_t K) {
   q.dx.assign(M * q.blocks * 16, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
-      float xg[QGROUP];
-      float amax = 0.f;
-      for (int64_t j = 0; j < QGROUP; ++j) {
-        xg[j] = AsFloat{}(x[m * K + g * QGROUP + j]);
-        amax = std::max(amax, std::abs(xg[j]));
-      }
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t xq[QGROUP];
+      const float d = quantize_group(x + m * K + g * QGROUP, xq);
       uint8_t* out = q.xu.data() + m * q.blocks * 64 + g * QGROUP;
-      for (int64_t j = 0; j < QGROUP; ++j)
-        out[j] = static_cast<uint8_t>(128 + static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, xg[j] * inv)))));
+      for (int64_t j = 0; j < QGROUP; ++j) out[j] = static_cast<uint8_t>(128 + xq[j]);
       for (int64_t t = 0; t < 8; ++t) q.dx[(m * q.blocks + g / 2) * 16 + 8 * (g % 2) + t] = d;
     }
   return q;
@@ -507,10 +526,7 @@ void q8_vector_tile(const Q8Acts& xa, const int8_t* qw, const uint16_t* sc, int6
       }
     }
   }
-  float sums[ACTS * ROWS];
-  for (int i = 0; i < A; ++i)
-    for (int r = 0; r < R; ++r) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);
-  finish(sums, A, R, m, n, store);
+  finish_vectors<A, R>(acc, m, n, store);
 }
 #endif
 
@@ -545,33 +561,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(qweight.scalar_type() == at::kChar, "q8_linear: the weight must be int8");
   TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == N * G,
               "q8_linear: scale must be contiguous float16 [N, K / 32]");
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && x.stride(0) == K;
-  const at::Tensor xf = bf16 ? x : x.to(at::kFloat).contiguous();
-  const Q8Acts xa = bf16 ? quantize_acts8(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()), M, K)
-                         : quantize_acts8(xf.data_ptr<float>(), M, K);
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const bool float_result = float_out || !bf16;
-  auto out = at::empty({M, N}, x.options().dtype(float_result ? at::kFloat : at::kBFloat16));
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  auto run = [&](auto* op) {
-    auto store = [&](int64_t m, int64_t n, float v) {
-      op[m * N + n] = static_cast<std::remove_pointer_t<decltype(op)>>(bp ? v + bp[n] : v);
-    };
-    over_rows(N, [&](int64_t n0, int64_t n1) {
-      sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
+  return grouped_linear(
+      x, N, bias, float_out, [&](const auto* xp) { return quantize_acts8(xp, M, K); },
+      [&](auto A, auto R, const Q8Acts& xa, int64_t m, int64_t n, auto&& store) {
 #if defined(TPSERVE_Q4_VECTORS)
         q8_vector_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, G, m, n, store);
 #else
         q8_plain_tile<decltype(A)::value, decltype(R)::value>(xa, wp, sp, G, m, n, store);
 #endif
       });
-    });
-  };
-  if (float_result) run(out.data_ptr<float>());
-  else run(out.data_ptr<at::BFloat16>());
-  return float_result && !float_out && x.scalar_type() != at::kFloat ? out.to(x.scalar_type()) : out;
 }
 
 bool native_q4() {
