@@ -129,15 +129,20 @@ def test_partial_sums_come_back_in_float32():
     torch.testing.assert_close(int8.float(), F.linear(x.float(), q.float() * scale[:, None]), rtol=1e-2, atol=1e-2)
 
 
-def _q4_reference(x: torch.Tensor, qweight, scale, minv) -> torch.Tensor:
-    """The kernel's own math in float64: activations quantized to int8 per group of 32, each
-    group's dot product exact, then its scale and min applied."""
+def _int8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activations: int8 per group of 32 ([rows, groups, 32], as float64) and each
+    group's scale dx ([rows, groups])."""
     rows, k = x.shape
     g = x.float().reshape(rows, k // 32, 32)
     amax = g.abs().amax(-1)  # rounded in float32 as the kernel rounds, so ties fall the same way
     inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # (127 / t is 127 * (1 / t) in torch)
-    xq = torch.round((g * inv[..., None]).clamp(-127, 127)).double()
-    dx = (amax / 127).double()
+    return torch.round((g * inv[..., None]).clamp(-127, 127)).double(), (amax / 127).double()
+
+
+def _q4_reference(x: torch.Tensor, qweight, scale, minv) -> torch.Tensor:
+    """The kernel's own math in float64: activations quantized to int8 per group of 32, each
+    group's dot product exact, then its scale and min applied."""
+    xq, dx = _int8_groups(x)
     n, groups = scale.shape
     q = qweight.reshape(n, groups, 16)
     values = torch.cat([q & 15, q >> 4], -1).double()  # [n, groups, 32]
@@ -201,13 +206,9 @@ def test_q4_kernel_inside_torch_compile():
 
 def _q8_reference(x: torch.Tensor, qweight, scale) -> torch.Tensor:
     """The Q8_0 kernel's math in float64: int8 activations per group of 32, exact group dots."""
-    rows, k = x.shape
-    g = x.float().reshape(rows, k // 32, 32)
-    amax = g.abs().amax(-1)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)
-    xq = torch.round((g * inv[..., None]).clamp(-127, 127)).double()
-    dots = torch.einsum("mgj,ngj->mng", xq, qweight.reshape(qweight.shape[0], k // 32, 32).double())
-    return (dots * scale.double()[None] * (amax / 127).double()[:, None]).sum(-1)
+    xq, dx = _int8_groups(x)
+    dots = torch.einsum("mgj,ngj->mng", xq, qweight.reshape(qweight.shape[0], -1, 32).double())
+    return (dots * scale.double()[None] * dx[:, None]).sum(-1)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])

@@ -284,6 +284,15 @@ def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _rope_heads(name: str, config: dict[str, Any]) -> int | None:
+    """How many heads llama.cpp permuted the rows of tensor ``name`` over (Q and K), else None."""
+    if name.endswith("q_proj.weight"):
+        return config["num_attention_heads"]
+    if name.endswith("k_proj.weight"):
+        return config["num_key_value_heads"]
+    return None
+
+
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """transformers name -> torch shape for every tensor a llama checkpoint must have."""
     h, v, ff = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
@@ -330,12 +339,18 @@ def _embedding_type(reader: Any) -> str | None:
     return next((t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight"), None)
 
 
+def _blocks(t: Any, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized tensor's raw blocks [rows, blocks, nbytes] and each block's float16 scale d
+    (its first two bytes, in every GGUF type used here)."""
+    raw = np.asarray(t.data)
+    blocks = raw.reshape(raw.shape[0], -1, nbytes)
+    return blocks, blocks[..., 0:2].copy().view(np.float16)[..., 0]
+
+
 def _q8_tensors(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q8_0 tensor's blocks as (int8 [N, K], float16 scale [N, K / 32]): w = q * scale."""
-    raw = np.asarray(t.data)
-    blocks = raw.reshape(raw.shape[0], -1, 34)  # float16 d, then 32 int8
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
+    blocks, d = _blocks(t, 34)  # float16 d, then 32 int8
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(blocks.shape[0], -1)
     return torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(d))
 
 
@@ -346,10 +361,8 @@ def _q4_tensors(t: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if kind not in _Q4_BLOCK_BYTES:
         raise ValueError(f"{path}: tensor {t.name!r} is {kind}; only Q4_0 / Q4_1 layers stay 4-bit "
                          "(load it with --dtype float32 or bfloat16 to dequantize it)")
-    raw = np.asarray(t.data)
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, _Q4_BLOCK_BYTES[kind])
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    blocks, d = _blocks(t, _Q4_BLOCK_BYTES[kind])
+    rows = blocks.shape[0]
     if kind == "Q4_1":
         m, qs = blocks[..., 2:4].copy().view(np.float16)[..., 0], blocks[..., 4:]
     else:
@@ -377,10 +390,9 @@ def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dt
             if tuple(q.shape) != (rows, cols // 2) or tuple(scale.shape) != (rows, cols // 32):
                 raise ValueError(f"{path}: tensor {t.name!r} holds {tuple(q.shape)} bytes of 4-bit blocks, "
                                  f"expected {(rows, cols // 2)} for {name} {expected[name]}")
-            heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-            for part, n_head in heads.items():
-                if name.endswith(f"{part}.weight"):
-                    q, scale, minv = (_unpermute_rope_rows(x, n_head).contiguous() for x in (q, scale, minv))
+            heads = _rope_heads(name, config)
+            if heads is not None:
+                q, scale, minv = (_unpermute_rope_rows(x, heads).contiguous() for x in (q, scale, minv))
             out[name], out[name + "_scale"], out[name + "_min"] = q, scale, minv
             continue
         if keep_q4 and name == "model.embed_tokens.weight" and t.tensor_type.name == "Q8_0":
@@ -402,10 +414,9 @@ def _state_dict(reader: Any, config: dict[str, Any], path: Path, dtype: torch.dt
         if not data.flags.writeable:  # F32/F16 tensors are views of the read-only memmap
             data = data.copy()
         w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-        if name.endswith("q_proj.weight"):
-            w = _unpermute_rope_rows(w, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute_rope_rows(w, config["num_key_value_heads"])
+        heads = _rope_heads(name, config)
+        if heads is not None:
+            w = _unpermute_rope_rows(w, heads)
         out[name] = w.to(dtype).contiguous()
     missing = sorted(set(expected) - set(out))
     if missing:

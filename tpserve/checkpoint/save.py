@@ -227,8 +227,9 @@ def _saved_config_updates(model: nn.Module) -> dict:
     """What config.json must say beyond the live config for ``LLM`` to serve the checkpoint: the
     architecture (a transformers model built from a config has none) and the weights' dtype."""
     updates: dict = {}
-    if quantization_config(model) is not None:
-        updates["quantization_config"] = quantization_config(model)
+    quantized = quantization_config(model)
+    if quantized is not None:
+        updates["quantization_config"] = quantized
     config = getattr(model, "config", None)
     if config is not None and getattr(model, "source_path", None) is None and not getattr(config, "architectures", None):
         updates["architectures"] = [type(model).__name__]

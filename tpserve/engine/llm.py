@@ -222,9 +222,10 @@ class LLM:
         keep_q4 = (resolve_device(device).type == "cpu" and matvec.available()
                    and (quantization == "q4" or (auto and matvec.native_q4())))
         path = resolve_model_path(model, keep_q4)
-        if keep_q4 and checkpoint_quantization(load_config(path)) == "q4":
+        config = load_config(path) if keep_q4 else None
+        if config is not None and checkpoint_quantization(config) == "q4":
             try:
-                layout(load_config(path), tp)  # before any worker starts
+                layout(config, tp)  # before any worker starts
             except ValueError as exc:
                 if not auto:
                     raise
