@@ -6,10 +6,12 @@
 
 Every backend is a real HTTP server on 127.0.0.1 in a process (group) of its own, started fresh,
 loaded with the same model (the default SmolLM2-135M-Instruct unless --model), served under the
-directory's name; each engine runs at its own default dtype (tpserve: float32 on CPU; vLLM's
-"auto", read back from its log) unless --dtype is given, which is passed to all of them:
+directory's name; each engine runs at its own default dtype unless --dtype is given, which is passed
+to all of them: vLLM's "auto" (read back from its log) on the model's directory; tpserve, without
+--model, its default model as ``tpserve serve`` runs it (the GGUF file, whose 4-bit layers dtype auto
+keeps on CPUs with AVX512-VNNI), else float32 on CPU:
 
-* ``tpserve TP=N``: ``python -m tpserve serve --model DIR --tp N --port P --max-model-len 4096``,
+* ``tpserve TP=N``: ``python -m tpserve serve [--model DIR] --tp N --port P --max-model-len 4096``,
   plus ``--compile`` for the --compile-tp degrees (compiled before /health answers).
 * ``vLLM``: what ``vllm serve DIR --port P --host 127.0.0.1 --max-model-len 4096 --served-model-name
   NAME`` runs, started as ``.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model DIR
@@ -133,6 +135,14 @@ def baseline_server(model_path: str, port: int, dtype: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def default_dtype_name() -> str:
+    """What tpserve's dtype auto runs the default model in on this machine (its GGUF file)."""
+    from tpserve.parallel import matvec
+
+    rest = "bfloat16" if matvec.native_bf16() else "float32"
+    return f"q4 + {rest}" if matvec.native_q4() else rest
+
+
 # ---- running backends ------------------------------------------------------------------------
 
 def start(cmd: list[str], url: str, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -254,10 +264,13 @@ def main() -> None:
     print(f"benchmarking {name}: {args.new} tokens per request, clients {args.clients}, workloads {args.workload}, "
           f"system prompt {n_tokens['system']} tokens, admission prompt {n_tokens['long']} tokens", file=sys.stderr)
     dtype = ["--dtype", args.dtype] if args.dtype else []
+    # without --model, tpserve serves its default model as `tpserve serve` does: from the GGUF file,
+    # whose 4-bit layers dtype auto keeps (where the CPU has the kernel); vLLM gets its dense directory
+    own_model = ["--model", path] if args.model else []
     backends: list[tuple[str, list[str], dict | None]] = []
     for tp, compiled in [(tp, False) for tp in args.tp] + [(tp, True) for tp in args.compile_tp]:
         backends.append((f"tpserve TP={tp}" + " --compile" * compiled,
-                         [sys.executable, "-m", "tpserve", "serve", "--model", path, "--tp", str(tp), "--port", "PORT",
+                         [sys.executable, "-m", "tpserve", "serve", *own_model, "--tp", str(tp), "--port", "PORT",
                           "--max-model-len", "4096", *dtype] + ["--compile"] * compiled, None))
     skipped = []
     if args.vllm is not False and VLLM.exists():
@@ -271,6 +284,7 @@ def main() -> None:
     if args.transformers:
         backends.append(("transformers", [sys.executable, os.path.abspath(__file__), "--baseline-server", "--port",
                                           "PORT", "--model", path, *dtype], None))
+    own_dtype = "float32" if args.model else default_dtype_name()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tpserve-bench-") as tmp:
         logdir = args.logs or Path(tmp)
@@ -278,7 +292,7 @@ def main() -> None:
         for label, cmd, env in backends:
             try:
                 results[label] = bench_backend(label, cmd, args, name, texts, logdir, env,
-                                               "bfloat16" if torch.cuda.is_available() else "float32")
+                                               "bfloat16" if torch.cuda.is_available() else own_dtype)
             except Exception as exc:  # one backend failing leaves the others' rows
                 skipped.append(f"{label}: failed: {str(exc).strip().splitlines()[-1][-300:]}")
                 progress(skipped[-1])

@@ -14,13 +14,13 @@ _pools: dict[int, Pool] = {}
 def shm_module_built():
     """Build the shared-memory collectives and the decode kernels once, here, before any group of
     ranks wants them."""
-    from tpserve.models import attention, norm_rope
+    from tpserve.models import attention, fused
     from tpserve.parallel import matvec, shm
 
     shm.extension()
     attention.extension()
     matvec.extension()
-    norm_rope.extension()
+    fused.extension()
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from tpserve.checkpoint.resolve import resolve_model_path
-from tpserve.models import attention, norm_rope
+from tpserve.models import attention, fused
 from tpserve.parallel import (
     CommError,
     TensorParallelConfig,
@@ -169,7 +169,7 @@ class LLM:
             if dev.type == "cpu":
                 attention.extension()  # the paged decode kernel, built here once, before any worker wants it
                 matvec.native_bf16()  # and the bf16/int8 products' kernel
-                norm_rope.extension()  # and the one-pass norm and rope
+                fused.extension()  # and the one-pass norm and rope
             self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:
                 if dev.type == "cpu" and shm.enabled():

@@ -148,18 +148,24 @@ def decode_gathered(q, k_cache, v_cache, tables, lens, kv_index, uniform: bool, 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
            cache: tuple[torch.Tensor, torch.Tensor] | None, kv_index: torch.Tensor, uniform: bool) -> torch.Tensor:
-    """Attention for the flattened q [N, H, D], k/v [N, Hkv, D]; writes the new K/V to the cache first."""
+    """Attention for the flattened q [N, H, D], k/v [N, Hkv, D]; writes the new K/V to the cache
+    first (k and v None: they are in the cache already, ``fused.rope_store`` put them there)."""
     if cache is not None:
         k_cache, v_cache = cache
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, step.slots, k)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, step.slots, v)
+        if k is not None:
+            k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, step.slots, k)
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, step.slots, v)
+        elif any(c.blocks is None for c in step.chunks):  # chunks without a block table read theirs back
+            k = k_cache.view(-1, *k_cache.shape[2:])[step.slots]
+            v = v_cache.view(-1, *v_cache.shape[2:])[step.slots]
     outs = []
     d = step.num_decode
     if d:
         qd = q[:d]
         if _ext is not None and qd.device.type == "cpu" and kernel_enabled():
-            outs.append(_paged_decode_op(qd, k_cache, v_cache, step.tables, step.lens, kv_index,
-                                         qd.shape[-1] ** -0.5, step.window))
+            # eager calls skip the custom op's dispatch (~15 us a layer); compiled code needs it
+            op = _paged_decode_op if torch.compiler.is_compiling() else _ext.paged_decode
+            outs.append(op(qd, k_cache, v_cache, step.tables, step.lens, kv_index, qd.shape[-1] ** -0.5, step.window))
         else:
             outs.append(decode_gathered(qd, k_cache, v_cache, step.tables, step.lens, kv_index, uniform, step.window))
     for c in step.chunks:

@@ -35,7 +35,7 @@ from tpserve.parallel.comm import patience
 from tpserve.parallel.layers import REDUCE_ROWS, fuse_columns, fused_forward
 
 from .attention import Step, attend, make_step
-from .norm_rope import rms_norm, rope
+from .fused import add_rms_norm, rms_norm, rope, rope_store, silu_mul
 
 # peers may reach a collective a compile's length apart on a compiled step's first call
 COMPILE_TIMEOUT_S = float(os.environ.get("TPSERVE_COMPILE_TIMEOUT", "600"))
@@ -184,7 +184,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         n = x.shape[0]  # tokens flattened: [N, hidden]
         if self.qkv is not None and not torch.is_grad_enabled():
-            q, k, v = (t.contiguous() for t in fused_forward(x, self.qkv))  # (a no-op for one row)
+            qkv = fused_forward(x, self.qkv)
+            if cache is not None and self.q_norm is None:  # rope, and K/V into the cache, in one call
+                q = rope_store(qkv, step.cos, step.sin, step.slots, cache, self.num_local_heads, self.num_local_kv)
+                if q is not None:
+                    out = attend(q, None, None, step, cache, self.kv_index, self.gqa_uniform)
+                    return self.o_proj(out.reshape(n, -1))
+            q, k, v = (t.contiguous() for t in qkv.split(self.qkv[-1], dim=-1))  # (a no-op for one row)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(n, self.num_local_heads, self.head_dim)
@@ -210,10 +216,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = fused_forward(x, self.gate_up)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(silu_mul(fused_forward(x, self.gate_up)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -225,8 +229,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
 
     def forward(self, x, step: Step, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), step, cache)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, h, norm.weight, norm.eps)  # the residual sum and its norm in one pass
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):

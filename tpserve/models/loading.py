@@ -23,7 +23,7 @@ from tpserve.parallel.quantize import (
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
 from tpserve.utils.threads import run_in_threads
 
-from . import norm_rope
+from . import fused
 from .registry import load_config, model_class
 
 
@@ -183,7 +183,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     quantization = check_quantization(quantization)
     stored = checkpoint_quantization(config)  # a quantized checkpoint loads as it was saved
     if device.type == "cpu":
-        norm_rope.extension()  # built (or loaded) now, not inside a step
+        fused.extension()  # built (or loaded) now, not inside a step
     cls = model_class(config)
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)

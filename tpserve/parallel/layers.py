@@ -242,10 +242,11 @@ def fuse_columns(mods: list[ColumnParallelLinear]) -> tuple | None:
     return (*fused, [m.weight.shape[0] for m in mods])
 
 
-def fused_forward(x: torch.Tensor, fused: tuple) -> tuple[torch.Tensor, ...]:
-    """The outputs of the layers :func:`fuse_columns` merged, from one product."""
-    weight, bias, scale, minv, sizes = fused
-    return linear(x, weight, bias, scale, minv=minv).split(sizes, dim=-1)
+def fused_forward(x: torch.Tensor, fused: tuple) -> torch.Tensor:
+    """The outputs of the layers :func:`fuse_columns` merged, from one product, side by side
+    along the last dimension (``fused[-1]`` gives their widths)."""
+    weight, bias, scale, minv, _ = fused
+    return linear(x, weight, bias, scale, minv=minv)
 
 
 class RowParallelLinear(_TPModule):

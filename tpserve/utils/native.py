@@ -24,12 +24,13 @@ def cpu_flags() -> bytes:
 def load_extension(src: Path, prefix: str, extra_cflags: tuple[str, ...] = ("-O3",)):
     """The module built from ``src``, imported directly when this source was built before
     (torch's ``load`` spends ~2 s checking a cached build, in every process), else built now.
-    The name carries a hash of the source, torch's version, the flags and (for ``-march=native``)
+    The name carries a hash of the source (and the headers beside it), torch's version, the flags and (for ``-march=native``)
     the CPU's features, so an edit or another CPU rebuilds."""
     import torch
     from torch.utils.cpp_extension import _get_build_directory, load
 
     key = src.read_bytes() + torch.__version__.encode() + " ".join(extra_cflags).encode()
+    key += b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))  # headers it may include
     if "-march=native" in extra_cflags:
         key += cpu_flags()
     name = f"{prefix}_{hashlib.sha1(key).hexdigest()[:12]}"

@@ -13,6 +13,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace {
 
 template <typename T>
@@ -81,7 +83,7 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t t = lo; t < hi; ++t) {
-            const float p = std::exp(sj[t] - new_max);
+            const float p = fast_exp(sj[t] - new_max);  // (std::exp would be a scalar call per score)
             sj[t] = p;
             sum += p;
           }
