@@ -111,7 +111,9 @@ def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compil
     from tpserve import LLM, SamplingParams
 
     compute, quantization = engine_dtype(dtype)
-    with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=compute, quantization=quantization) as llm:
+    # prefix caching off: the reps repeat one prompt, and a cached prompt would time one token
+    with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=compute, quantization=quantization,
+             enable_prefix_caching=False) as llm:
         one = SamplingParams(max_tokens=1, ignore_eos=True)
         many = SamplingParams(max_tokens=new + 1, ignore_eos=True)
         t = time.perf_counter()

@@ -190,6 +190,19 @@ def test_q4_packing_round_trips_and_prefill_uses_the_dense_product():
         matvec.quantize_q4(torch.randn(4, 40))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_dequantize_in_one_pass_equals_the_torch_ops(no_kernel, dtype):
+    torch.manual_seed(1)
+    qweight, scale, minv = matvec.quantize_q4(torch.randn(67, 160) * 3)
+    want = matvec.dequantize_q4(qweight, scale, minv, dtype)  # the torch ops (the kernel is off)
+    matvec._found.clear()
+    if not matvec.available():
+        pytest.skip("no C++ compiler: the torch ops are the only path")
+    got = matvec.dequantize_q4(qweight, scale, minv, dtype)
+    assert got.dtype == dtype and got.shape == (67, 160)
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
 def test_q4_kernel_inside_torch_compile():
     if not matvec.available():
         pytest.skip("no compiler")

@@ -207,6 +207,9 @@ def dequantize_q4(qweight: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor
     in 16 bytes (byte j: element j in the low nibble, j + 16 in the high), GGUF's Q4 order;
     ``scale`` and ``min`` are [N, K / 32]."""
     n, groups = scale.shape
+    if (qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()
+            and qweight.is_contiguous() and scale.is_contiguous() and minv.is_contiguous()):
+        return _ext.q4_dequantize(qweight, scale, minv, dtype)  # one pass, no temporaries
     q = qweight.reshape(n, groups, Q4_GROUP // 2)
     values = torch.cat([q & 15, q >> 4], dim=-1).float()
     w = values * scale.float()[..., None] + minv.float()[..., None]

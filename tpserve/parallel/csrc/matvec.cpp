@@ -574,6 +574,47 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
       });
 }
 
+// ---- dense copies for prefill: at many rows a dense product beats the group kernels, and
+// dequantizing in torch ops (unpack, cat, scale, shift: a temporary per step) cost milliseconds a
+// weight, more than the product it feeds ----
+
+template <typename T>
+void dequantize_rows(int64_t N, int64_t G, T* out, const uint8_t* qw, const uint16_t* sc, const uint16_t* mn) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float d = half_to_float(sc[n * G + g]), m = half_to_float(mn[n * G + g]);
+        const uint8_t* q = qw + (n * G + g) * 16;
+        T* o = out + (n * G + g) * QGROUP;
+#pragma omp simd
+        for (int64_t j = 0; j < 16; ++j) {  // byte j: element j in the low nibble, j + 16 in the high
+          o[j] = static_cast<T>(static_cast<float>(q[j] & 15) * d + m);
+          o[j + 16] = static_cast<T>(static_cast<float>(q[j] >> 4) * d + m);
+        }
+      }
+  });
+}
+
+// qweight [N, K / 2] uint8, scale and min [N, K / 32] float16 -> the dense [N, K] weight q * scale + min
+at::Tensor q4_dequantize(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minv,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  qweight.is_contiguous(), "q4_dequantize: qweight must be contiguous uint8 [N, K / 2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / QGROUP;
+  TORCH_CHECK(K % QGROUP == 0, "q4_dequantize: the input width ", K, " is not a multiple of the group size 32");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minv.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  minv.is_contiguous() && scale.numel() == N * G && minv.numel() == N * G,
+              "q4_dequantize: scale and min must be contiguous float16 [N, K / 32]");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "q4_dequantize: float32 or bfloat16 out");
+  auto out = at::empty({N, K}, qweight.options().dtype(dtype));
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(minv.data_ptr<at::Half>());
+  if (dtype == at::kFloat) dequantize_rows(N, G, out.data_ptr<float>(), wp, sp, mp);
+  else dequantize_rows(N, G, out.data_ptr<at::BFloat16>(), wp, sp, mp);
+  return out;
+}
+
 bool native_q4() {
 #if defined(TPSERVE_Q4_VECTORS)
   return true;
@@ -595,6 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = (x W^T) * scale + b with an int8 weight");
   m.def("q4_linear", &q4_linear, "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
   m.def("q8_linear", &q8_linear, "y = x W^T + b with W int8 in groups of 32 (GGUF Q8_0)");
+  m.def("q4_dequantize", &q4_dequantize, "the dense weight of 4-bit groups of 32");
   m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
 }
