@@ -773,6 +773,30 @@ def test_worker_death_ends_requests_and_the_server(tmp_path):
         assert _wait_for(lambda: all(_gone(w) for w in workers), 10), "a worker outlived the server"
 
 
+def test_sigterm_ends_streams_and_the_server_at_once(tmp_path):
+    """The engine loop runs on the server's main thread (HTTP on another): SIGTERM must still end
+    in-flight streams, with an error event, and the process with its workers, within seconds."""
+    with tpserve_serve(tmp_path) as (url, proc, err, _):
+        workers = _workers(proc.pid)
+        assert len(workers) == 1, workers
+        long = {"model": "SmolLM2-135M-Instruct", "prompt": "Tell me a long story.", "max_tokens": 1500,
+                "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/completions", json=long) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            rest = [line for line in lines if line]
+            ended = time.monotonic() - sent
+        proc.wait(timeout=30)
+        assert ended < 10, f"the stream took {ended:.1f}s to end"
+        events = sse(rest)  # ended by the server, not cut off: an error event, then [DONE]
+        assert events[-1] == "[DONE]" and "shut down" in events[-2]["error"]["message"], events[-3:]
+        assert proc.returncode == -signal.SIGTERM, (proc.returncode, err.read_text()[-2000:])
+        assert "Traceback" not in err.read_text()
+        assert _wait_for(lambda: all(_gone(w) for w in workers), 10), "a worker outlived the server"
+
+
 # ---- one request cannot knock the server over -----------------------------------------------
 
 def _rss_kb(pid: int) -> int:

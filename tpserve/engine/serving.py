@@ -1,9 +1,13 @@
 """Continuous batching for servers: requests join and leave the running engine loop.
 
-A background thread on rank 0 owns an :class:`LLM` and turns its engine's :meth:`step` over and
-over: each step decodes every running request and prefills chunks of waiting prompts, so
-requests join and leave between steps. Callers see each request as a stream of
-:class:`Event`\\ s, delivered from the engine thread.
+A thread on rank 0 owns an :class:`LLM` and turns its engine's :meth:`step` over and over: each
+step decodes every running request and prefills chunks of waiting prompts, so requests join and
+leave between steps. Callers see each request as a stream of :class:`Event`\\ s, delivered from
+the engine's thread. That thread is a background one, or (``run_here=True``, as ``tpserve serve``
+does) the caller's, through :meth:`ServingEngine.run`: torch's OpenMP threads take work fastest from
+the main thread (libgomp counts the main thread beside another thread's team, finds more threads
+than cores, and stops spinning: every parallel product of a step started from a second thread
+paid a wake-up, and decode ran at half speed on 2 cores).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class ServingEngine:
                  on_fatal: Callable[[str], None] | None = None, compile: bool = False,
                  tokenizer: str | None = None, skip_tokenizer_init: bool = False,
                  kv_cache_memory: int | None = None, enable_prefix_caching: bool = True,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, run_here: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, device=device,
@@ -72,6 +76,8 @@ class ServingEngine:
         self._aborted: set[int] = set()
         self._wake = threading.Condition()
         self._stop = False
+        self._looping: threading.Thread | None = None  # the thread turning the loop, while one does
+        self._done = threading.Event()  # the loop has returned
         try:
             if compile:
                 self._compile_now()
@@ -79,8 +85,8 @@ class ServingEngine:
         except BaseException:
             self.llm.close()
             raise
-        self._thread = threading.Thread(target=self._loop, name="tpserve-engine", daemon=True)
-        self._thread.start()
+        if not run_here:
+            threading.Thread(target=self.run, name="tpserve-engine", daemon=True).start()
 
     def _compile_now(self) -> None:
         """Compile every decode graph a batch of up to ``max_batch`` rows can need, before the
@@ -127,13 +133,30 @@ class ServingEngine:
         with self._wake:
             self._aborted.add(request_id)
 
+    def stop(self) -> None:
+        """Ask the loop to return after its current step; safe in a signal handler (it takes no
+        lock: an idle loop notices within its half-second wait)."""
+        self._stop = True
+
     def close(self) -> None:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+        looping = self._looping
+        if looping is not None and looping is not threading.current_thread():
+            self._done.wait(timeout=30)  # the loop must be out of the model before it closes
         self.llm.close()
+
+    def run(self) -> None:
+        """Turn the engine loop in the calling thread until :meth:`stop` / :meth:`close` or a
+        failure (the background thread runs this too). A KeyboardInterrupt during a step fails
+        the requests in flight, then propagates."""
+        self._looping = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._looping = None
+            self._done.set()
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -153,7 +176,7 @@ class ServingEngine:
                             self._wake.wait(timeout=0.5)
                     if any(not p.is_alive() for p in self.llm._workers):  # died while idle
                         self.llm._fail("waiting for requests", None)
-        except BaseException as exc:  # a worker died, or a bug: fail everything, loudly
+        except BaseException as exc:  # a worker died, a bug, or Ctrl-C in a step: fail everything, loudly
             with self._wake:
                 self.error = f"{type(exc).__name__}: {exc}"
                 pending = list(self._live.values()) + list(self._incoming)
@@ -163,6 +186,8 @@ class ServingEngine:
                 self._emit(req, finish="error")
             if self.on_fatal is not None:
                 self.on_fatal(self.error)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
 
     def _take_new(self) -> None:
         """Hand new requests to the engine and drop aborted ones, between steps."""

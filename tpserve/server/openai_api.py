@@ -9,8 +9,10 @@ what a request asks of the engine, and the ``serve`` command.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import sys
 import threading
@@ -445,20 +447,28 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _watch(engine, server, failure: list[str]) -> None:
-    """Stop the server (after a short grace for in-flight replies and health probes) once the
-    engine fails; on Ctrl-C or SIGTERM stop the engine at once, so in-flight requests end with an
-    error now instead of holding uvicorn's graceful shutdown until it gives up on them."""
-    while not server.should_exit:
-        if not engine.healthy:
-            failure.append(engine.error or "the engine stopped")
-            print(f"tpserve serve: the engine failed ({failure[0]}); answering 503 for {UNHEALTHY_GRACE_S:g}s, "
-                  f"then exiting", file=sys.stderr, flush=True)
-            time.sleep(UNHEALTHY_GRACE_S)
-            server.should_exit = True
-            return
-        time.sleep(0.2)
-    engine.close()
+@contextlib.contextmanager
+def _stop_on_signals(server, engine):
+    """The first Ctrl-C or SIGTERM stops the HTTP server and the engine at once, so in-flight
+    requests end with an error now instead of holding the graceful shutdown; a second Ctrl-C
+    interrupts whatever runs. Afterwards the signal is raised again with the old handlers back
+    (Ctrl-C: exit 130), as uvicorn does when it holds the signals itself."""
+    caught: list[int] = []
+
+    def handle(sig, frame) -> None:
+        caught.append(sig)
+        server.should_exit = True
+        engine.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for sig in caught[:1]:
+        signal.raise_signal(sig)
 
 
 def serve(args) -> None:
@@ -480,23 +490,38 @@ def serve(args) -> None:
                                compile=getattr(args, "compile", False), tokenizer=getattr(args, "tokenizer", None),
                                kv_cache_memory=getattr(args, "kv_cache_memory", None),
                                enable_prefix_caching=getattr(args, "prefix_caching", True),
-                               quantization=getattr(args, "quantization", None))
+                               quantization=getattr(args, "quantization", None), run_here=True)
     except BaseException:
         sock.close()
         raise
-    failure: list[str] = []
     try:
         app = create_app(engine, api_key=api_key,
                          max_request_bytes=getattr(args, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
-        threading.Thread(target=_watch, args=(engine, server, failure), name="tpserve-watchdog", daemon=True).start()
+
+        def http() -> None:  # HTTP on a thread of its own; the engine loop keeps the main thread
+            try:
+                server.run(sockets=[sock])
+            finally:
+                engine.stop()  # the server is gone (stopped, or it failed to start): so is the engine
+
+        web = threading.Thread(target=http, name="tpserve-http", daemon=True)
         shown = f"[{args.host}]" if ":" in args.host else args.host
         compiled = ", compiled decode" if getattr(args, "compile", False) else ""
-        print(f"tpserve serve: {engine.model_name} (TP={args.tp}, max batch {args.max_batch}, context "
-              f"{engine.context}{compiled}) at http://{shown}:{args.port}/v1", file=sys.stderr, flush=True)
-        server.run(sockets=[sock])
+        with _stop_on_signals(server, engine):
+            web.start()
+            print(f"tpserve serve: {engine.model_name} (TP={args.tp}, max batch {args.max_batch}, context "
+                  f"{engine.context}{compiled}) at http://{shown}:{args.port}/v1", file=sys.stderr, flush=True)
+            engine.run()  # until a signal, the server's end, or an engine failure
+            if engine.error is not None and not server.should_exit:
+                print(f"tpserve serve: the engine failed ({engine.error}); answering 503 for "
+                      f"{UNHEALTHY_GRACE_S:g}s, then exiting", file=sys.stderr, flush=True)
+                web.join(timeout=UNHEALTHY_GRACE_S)
+            server.should_exit = True
+            engine.close()  # in-flight requests end now, with an error
+            web.join(timeout=30)
     finally:
         sock.close()
         engine.close()
-    if failure:
-        raise WorkerError(f"the server stopped because the engine failed: {failure[0]}")
+    if engine.error is not None:
+        raise WorkerError(f"the server stopped because the engine failed: {engine.error}")
