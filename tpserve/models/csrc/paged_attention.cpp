@@ -3,7 +3,7 @@
 // Each decode row's query attends to the keys its block table names, without first copying
 // them into a per-row buffer: rows that share a long prompt's blocks read the same memory.
 // One task per (row, KV head), for all the query heads that KV head serves, so its keys and values
-// are read once per row; softmax is computed online, block by block, in float32.
+// are read once per row; softmax in float32, over the row's scores at once (see attend_task).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -16,6 +16,60 @@
 #include "fast_exp.h"
 
 namespace {
+
+// One task: the `g` query heads `qf` (float32 [g, dim], already scaled) that one KV head serves,
+// against that head's keys at positions [first, len) of one sequence (`kp`, `vp`: the cache at
+// this KV head; a position's token is at table[p / block] * block_stride + (p % block) * token_stride).
+// Three passes, each over contiguous data the compiler vectorizes: the scores (each key read once
+// for all g heads), a softmax per head, then the values (each read once for all g heads) into `acc`
+// [g, dim]. `D`: the head size when known at compile time (the common 64 and 128; 0: `dim`).
+template <typename T, int D>
+void attend_task(const float* qf, int64_t g, const T* kp, const T* vp, const int64_t* table, int64_t block,
+                 int64_t block_stride, int64_t token_stride, int64_t first, int64_t len, int64_t dim_rt,
+                 std::vector<float>& score, std::vector<int64_t>& where, float* acc) {
+  const int64_t dim = D ? D : dim_rt, n = len - first;
+  where.resize(n);  // each position's offset in the cache, found once (a division each)
+  for (int64_t p = first; p < len; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
+  score.resize(g * n + g);
+  float* sc = score.data();
+  float* most = sc + g * n;  // each head's largest score
+  std::fill(most, most + g, -std::numeric_limits<float>::infinity());
+  for (int64_t p = first; p < len; ++p) {
+    const T* k = kp + where[p - first];
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qf + j * dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qj[d] * static_cast<float>(k[d]);
+      sc[j * n + p - first] = s;
+      most[j] = std::max(most[j], s);
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {
+    float* sj = sc + j * n;
+    const float top = most[j];
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = fast_exp(sj[i] - top);  // (std::exp would be a scalar call per score)
+      sj[i] = e;
+      total += e;
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sj[i] *= inv;
+  }
+  std::fill(acc, acc + g * dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* v = vp + where[i];
+    for (int64_t j = 0; j < g; ++j) {
+      const float w = sc[j * n + i];
+      float* aj = acc + j * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) aj[d] += w * static_cast<float>(v[d]);
+    }
+  }
+}
 
 template <typename T>
 void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -35,76 +89,31 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   // the query heads each KV head serves: its keys and values are read once for all of them
   std::vector<std::vector<int64_t>> served(kv_heads);
   for (int64_t h = 0; h < heads; ++h) served[hp[h]].push_back(h);
+  const auto task = dim == 64 ? attend_task<T, 64> : dim == 128 ? attend_task<T, 128> : attend_task<T, 0>;
 
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, acc, score, running_max, total, block_max;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, kvh = task % kv_heads;
+    std::vector<float> qf, acc, score;
+    std::vector<int64_t> where;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / kv_heads, kvh = t % kv_heads;
       const std::vector<int64_t>& group = served[kvh];
       const int64_t g = static_cast<int64_t>(group.size());
       if (g == 0) continue;
-      qf.assign(g * dim, 0.f);
-      acc.assign(g * dim, 0.f);
-      score.assign(g * block, 0.f);
-      running_max.assign(g, -std::numeric_limits<float>::infinity());
-      total.assign(g, 0.f);
-      block_max.assign(g, 0.f);
+      qf.resize(g * dim);
+      acc.resize(g * dim);
       for (int64_t j = 0; j < g; ++j)
         for (int64_t d = 0; d < dim; ++d)
-          qf[j * dim + d] = static_cast<float>(qp[(r * heads + group[j]) * dim + d]) * scale;
-      const int64_t len = lp[r];
+          qf[j * dim + d] = static_cast<float>(qp[(r * heads + group[j]) * dim + d]) * static_cast<float>(scale);
+      // keys the row sees: its own and those before, all its blocks hold, inside the window
+      const int64_t len = std::min(lp[r], max_blocks * block);
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      for (int64_t b = first / block; b * block < len && b < max_blocks; ++b) {
-        const int64_t id = tp[r * max_blocks + b];
-        const int64_t lo = std::max(first, b * block) - b * block, hi = std::min(len - b * block, block);
-        if (hi <= lo) continue;
-        const T* kb = kp + id * block_stride + kvh * dim;
-        const T* vb = vp + id * block_stride + kvh * dim;
-        std::fill(block_max.begin(), block_max.end(), -std::numeric_limits<float>::infinity());
-        for (int64_t t = lo; t < hi; ++t) {
-          const T* krow = kb + t * token_stride;
-          for (int64_t j = 0; j < g; ++j) {
-            const float* qj = qf.data() + j * dim;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < dim; ++d) s += qj[d] * static_cast<float>(krow[d]);
-            score[j * block + t] = s;
-            block_max[j] = std::max(block_max[j], s);
-          }
-        }
-        for (int64_t j = 0; j < g; ++j) {
-          const float new_max = std::max(running_max[j], block_max[j]);
-          const float rescale = std::exp(running_max[j] - new_max);
-          total[j] *= rescale;
-          float* aj = acc.data() + j * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) aj[d] *= rescale;
-          float* sj = score.data() + j * block;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = lo; t < hi; ++t) {
-            const float p = fast_exp(sj[t] - new_max);  // (std::exp would be a scalar call per score)
-            sj[t] = p;
-            sum += p;
-          }
-          total[j] += sum;
-          running_max[j] = new_max;
-        }
-        for (int64_t t = lo; t < hi; ++t) {
-          const T* vrow = vb + t * token_stride;
-          for (int64_t j = 0; j < g; ++j) {
-            const float p = score[j * block + t];
-            float* aj = acc.data() + j * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) aj[d] += p * static_cast<float>(vrow[d]);
-          }
-        }
-      }
-      for (int64_t j = 0; j < g; ++j) {
-        const float inv = total[j] > 0.f ? 1.f / total[j] : 0.f;
-        for (int64_t d = 0; d < dim; ++d)
-          op[(r * heads + group[j]) * dim + d] = static_cast<T>(acc[j * dim + d] * inv);
-      }
+      if (len > first)
+        task(qf.data(), g, kp + kvh * dim, vp + kvh * dim, tp + r * max_blocks, block, block_stride, token_stride,
+             first, len, dim, score, where, acc.data());
+      else
+        std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < g; ++j)
+        for (int64_t d = 0; d < dim; ++d) op[(r * heads + group[j]) * dim + d] = static_cast<T>(acc[j * dim + d]);
     }
   });
 }
