@@ -195,7 +195,11 @@ def bench_vllm(python: Path, path: Path, tp: int, prompt_len: int, new: int, rep
 
 def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
     """Decode tok/s against TP degree, one line per engine."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the table above is printed already
+        print(f"--plot {path}: skipped, matplotlib is not installed (pip install -e '.[bench]', as make bench does)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

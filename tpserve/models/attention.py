@@ -33,8 +33,9 @@ def extension():
     global _ext
     if _ext is None and kernel_enabled():
         _ext = optional_extension(Path(__file__).with_name("csrc") / "paged_attention.cpp", "tpserve_paged",
-                                  ("-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
-                                   *NATIVE_FLAGS), "the paged decode kernel",
+                                  # reassociated sums: a dot's lanes add up as a tree, not one by one
+                                  ("-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+                                   "-fno-trapping-math", *NATIVE_FLAGS), "the paged decode kernel",
                                   "decode attention gathers each row's blocks instead")
     return _ext if kernel_enabled() else None
 
