@@ -5,9 +5,9 @@ step decodes every running request and prefills chunks of waiting prompts, so re
 leave between steps. Callers see each request as a stream of :class:`Event`\\ s, delivered from
 the engine's thread. That thread is a background one, or (``run_here=True``, as ``tpserve serve``
 does) the caller's, through :meth:`ServingEngine.run`: torch's OpenMP threads take work fastest from
-the main thread (libgomp counts the main thread beside another thread's team, finds more threads
-than cores, and stops spinning: every parallel product of a step started from a second thread
-paid a wake-up, and decode ran at half speed on 2 cores).
+the main thread (measured on 2 cores: a parallel product started from a second thread took 2-3x
+as long, and a decode step 2x; libgomp seems to count the main thread beside the second thread's
+team, find more threads than cores, and stop spinning, so each parallel region waits for a wake-up).
 """
 
 from __future__ import annotations
