@@ -136,11 +136,17 @@ def baseline_server(model_path: str, port: int, dtype: str) -> None:
 
 
 def default_dtype_name() -> str:
-    """What tpserve's dtype auto runs the default model in on this machine (its GGUF file)."""
+    """What tpserve's dtype auto runs the default model in on this machine (its GGUF file), by
+    the engine's own rules: its 4-bit layers kept where the kernel is native, the rest as
+    ``resolve_dtype`` picks for that checkpoint."""
+    from tpserve.checkpoint.resolve import resolve_model_path
+    from tpserve.models.loading import load_config, resolve_device, resolve_dtype
     from tpserve.parallel import matvec
 
-    rest = "bfloat16" if matvec.native_bf16() else "float32"
-    return f"q4 + {rest}" if matvec.native_q4() else rest
+    q4 = matvec.native_q4()
+    rest = resolve_dtype("auto", resolve_device(None), load_config(resolve_model_path(None, q4)))
+    rest = str(rest).removeprefix("torch.")
+    return f"q4 + {rest}" if q4 else rest
 
 
 # ---- running backends ------------------------------------------------------------------------
