@@ -66,7 +66,7 @@ def main() -> None:
     roof = count * n * k * 2 / timed(lambda: buffer.sum(), args.reps) / 1e9
     print(f"{count} weights of [{n}, {k}], {torch.get_num_threads()} threads; "
           f"read bandwidth (sum of a {buffer.numel() * 4 / 1e6:.0f} MB buffer): {roof:.1f} GB/s")
-    print(f"kernel: {'AVX512-BF16' if ext is not None and ext.native_bf16() else 'plain C++' if ext else 'unavailable'}\n")
+    print(f"bf16 kernel: {ext.bf16_path() if ext is not None else 'unavailable'}\n")
     print(f"{'path':<52}" + "".join(f"{f'M={m} GB/s':>12}{'ms':>8}" for m in args.rows))
 
     def candidates(m: int):

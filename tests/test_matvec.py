@@ -18,7 +18,7 @@ def no_kernel(monkeypatch):
     monkeypatch.setattr(matvec, "_found", {"kernel": False, "bf16": False})
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17, 129])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_bf16_linear_equals_float_math(rows, n, k):
     torch.manual_seed(rows * 1000 + n + k)
@@ -32,12 +32,20 @@ def test_bf16_linear_equals_float_math(rows, n, k):
 
 
 def test_bf16_kernel_is_used_where_it_applies():
-    if not matvec.native_bf16():
-        pytest.skip("this CPU has no AVX512-BF16 (or no compiler): bf16 runs through F.linear")
+    path = matvec.bf16_kernel()
+    if path is None:
+        pytest.skip("this CPU has no AVX-512 (or no compiler): bf16 runs through F.linear")
+    assert path == ("avx512bf16" if matvec.native_bf16() else "avx512f")
     x, w = torch.randn(3, 64).bfloat16(), torch.randn(16, 64).bfloat16()
     with torch.inference_mode():
         assert matvec.bf16_linear(x, w) is not None
-        assert matvec.bf16_linear(torch.randn(matvec.BF16_KERNEL_ROWS + 1, 64).bfloat16(), w) is None  # prefill
+        if path == "avx512bf16":  # prefill: oneDNN's AMX products
+            assert matvec.bf16_linear(torch.randn(matvec.BF16_KERNEL_ROWS + 1, 64).bfloat16(), w) is None
+        else:  # prefill: float32 products, faster than torch's bf16 ones without AVX512-BF16
+            many = torch.randn(matvec.BF16_WIDE_ROWS + 1, 64).bfloat16()
+            got = matvec.bf16_linear(many, w, float_out=True)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, F.linear(many.float(), w.float()))
         assert matvec.bf16_linear(x, w.t().contiguous().t()) is None  # a transposed layout
     wg = w.clone().requires_grad_()
     assert matvec.bf16_linear(x, wg) is None  # autograd needs the stock op

@@ -146,7 +146,10 @@ def _auto_dtype(config) -> str:
         return f"{picked} (CUDA)"
     stored = str(checkpoint_dtype(config) or "not recorded").removeprefix("torch.")
     fast = "has" if matvec.native_bf16() else "has no"
-    return f"{picked} on this CPU (checkpoint stored as {stored}; this CPU {fast} tpserve's AVX512-BF16 kernel)"
+    kernel = {"avx512bf16": "tpserve's AVX512-BF16 kernel", "avx512f": "tpserve's AVX-512 kernel, widened to float32"
+              }.get(matvec.bf16_kernel(), "torch's products")
+    return (f"{picked} on this CPU (checkpoint stored as {stored}; this CPU {fast} AVX512-BF16; "
+            f"bf16 decode runs through {kernel})")
 
 
 def _keeps_q4_here(source) -> bool:

@@ -168,7 +168,7 @@ class LLM:
             dev = engine_device(device, 0)
             if dev.type == "cpu":
                 attention.extension()  # the paged decode kernel, built here once, before any worker wants it
-                matvec.native_bf16()  # and the bf16/int8 products' kernel
+                matvec.bf16_kernel()  # and the bf16/int8 products' kernel
                 fused.extension()  # and the one-pass norm and rope
             self._store = engine_store(0, self.tp, is_master=True)
             if self.tp > 1:

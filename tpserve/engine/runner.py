@@ -70,7 +70,7 @@ def init_cache(model: nn.Module, memory: int | None, block_size: int, ranks_here
                          f"block on this rank); give more memory (--kv-cache-memory)")
     if device.type == "cpu":
         attention.extension()  # built (or loaded) now, not inside a step
-        matvec.native_bf16()  # asked now, so a compiled step reads the answer as a constant
+        matvec.native_bf16(), matvec.bf16_kernel()  # asked now, so a compiled step reads the answers as constants
     cache = []
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -188,7 +188,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     with torch.device("meta"):
         model = cls(config, group=group, dtype=dtype)
     _materialize(model, device)
-    if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.native_bf16()):
+    if decode_layout and not compile and not (dtype == torch.bfloat16 and matvec.bf16_kernel()):
         use_decode_layout(model)  # (bf16's own kernel reads the usual layout)
     if stored:
         prepare(model, stored, q8_embedding(config))

@@ -3,9 +3,10 @@
 A decoded token reads every weight once, so batch-1 decode runs at the speed weights stream
 from memory. Stock torch streams bf16 and int8 weights at a few rows much slower than fp32
 (``benchmarks/matvec.py``); ``csrc/matvec.cpp`` streams them at close to the memory bandwidth.
-It is used for up to ``BF16_KERNEL_ROWS`` / ``INT8_KERNEL_ROWS`` rows on CPUs with AVX512-BF16 (bf16) and on every CPU for
-int8; elsewhere, and for prefill, the stock products run: ``F.linear`` for bf16, and for int8
-``_weight_int8pack_mm`` or a dequantized ``F.linear``. ``TPSERVE_MATVEC_KERNEL=0`` turns the
+It is used for up to ``BF16_KERNEL_ROWS`` / ``INT8_KERNEL_ROWS`` rows: for bf16 on CPUs with
+AVX-512 (AVX512-BF16 dot products, else weights widened to float32 in registers), for int8 on
+every CPU. Elsewhere, and for prefill, the stock products run: ``F.linear`` for bf16, and for
+int8 ``_weight_int8pack_mm`` or a dequantized ``F.linear``. ``TPSERVE_MATVEC_KERNEL=0`` turns the
 kernel off.
 """
 
@@ -21,6 +22,10 @@ from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 
 # up to these many rows the kernel beat torch's products (benchmarks/matvec.py, Xeon with AMX):
 BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.9; at 16 oneDNN's AMX wins
+# Without AVX512-BF16 torch's bf16 products are slow at every size (Xeon with AVX512-VNNI only,
+# 16 [1536, 576] / [576, 1536] products: F.linear 13 / 70 / 263 ms at 16 / 128 / 512 rows); the
+# widening kernel took 4.7 / 28 / 136 ms, float32 copies of the weights 11 / 33 / 71 ms.
+BF16_WIDE_ROWS = 128
 INT8_KERNEL_ROWS = 16  # beyond, one dequantized copy and oneDNN
 # beyond, one dequantized copy and the dense product (prefill); 30 [1536, 576] products on an AMD
 # EPYC (Zen 4): the kernel 1.3 / 2.9 / 5.9 / 12.0 ms at 2 / 4 / 8 / 16 rows, dequantizing 24-142 ms
@@ -63,10 +68,21 @@ def native_q4() -> bool:
 
 
 def native_bf16() -> bool:
-    """Whether bf16 products at a few rows run through the kernel's AVX512-BF16 dot products."""
+    """Whether bf16 products at a few rows run through the kernel's AVX512-BF16 dot products
+    (bf16 computed natively, so ``dtype="auto"`` keeps a bf16 checkpoint in bf16)."""
     if "bf16" not in _found:
         _found["bf16"] = available() and bool(extension().native_bf16())
     return _found["bf16"]
+
+
+def bf16_kernel() -> str | None:
+    """How the kernel multiplies bf16 weights at a few rows on this CPU: "avx512bf16" (native dot
+    products), "avx512f" (each weight widened to float32 in registers: half of fp32's bytes read,
+    float32 arithmetic), or None: torch's products run (the compiler's plain loop was slower)."""
+    if "bf16_path" not in _found:
+        path = extension().bf16_path() if available() else "plain"
+        _found["bf16_path"] = None if path == "plain" else path
+    return _found["bf16_path"]
 
 
 @torch.library.custom_op("tpserve::bf16_linear", mutates_args=())
@@ -126,16 +142,24 @@ def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 float_out: bool = False) -> torch.Tensor | None:
-    """The kernel's product when it applies (CPU, bf16, AVX512-BF16, few rows, no autograd),
-    else None: the caller runs the stock one. ``float_out``: float32 results (a row-parallel
-    rank's partial sums, so the all-reduce rounds once, as TP=1 does). Eager calls skip the
-    custom op's dispatch (~10 us, a tenth of a small layer's product); compiled code needs it."""
-    if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or not native_bf16()
+    """The kernel's product when it applies (CPU, bf16, AVX-512, no autograd), else None: the
+    caller runs the stock one. With AVX512-BF16 the kernel takes a few rows and oneDNN the rest;
+    without, the kernel takes up to ``BF16_WIDE_ROWS`` rows and float32 products the rest.
+    ``float_out``: float32 results (a row-parallel rank's partial sums, so the all-reduce rounds
+    once, as TP=1 does). Eager calls skip the custom op's dispatch (~10 us, a tenth of a small
+    layer's product); compiled code needs it."""
+    path = bf16_kernel()
+    if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or path is None or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
-    k = x.shape[-1]
-    if not 0 < x.numel() <= BF16_KERNEL_ROWS * k or not weight.is_contiguous():
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0:
         return None
+    if rows > (BF16_KERNEL_ROWS if path == "avx512bf16" else BF16_WIDE_ROWS):
+        if path == "avx512bf16":
+            return None
+        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # prefill
+        return y if float_out else y.to(x.dtype)
     if torch.compiler.is_compiling():
         return _out(_bf16_linear_op(_rows(x), weight, bias, float_out), x)
     return _out(_ext.bf16_linear(_rows(x), weight, bias, float_out), x)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <type_traits>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -69,6 +70,27 @@ struct Bf16 {
   static V load_x(const X* p) { return (V)_mm512_loadu_si512(p); }
   static V load_x(const X* p, Mask m) { return (V)_mm512_maskz_loadu_epi16(m, p); }
   static __m512 fma(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
+#endif
+
+#if !defined(TPSERVE_BF16_VECTORS) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// Without AVX512-BF16: each bf16 weight widened to float32 (its bits shifted up 16) and multiplied
+// with float32 activations. Two cheap instructions per 16 weights keep the loop bound by memory,
+// so bf16 still reads half of fp32's bytes per token.
+#define TPSERVE_BF16_WIDE 1
+struct Bf16Wide {
+  using X = float;
+  using W = uint16_t;
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t STEP = 16;
+  static Mask tail(int64_t n) { return (Mask)((1u << n) - 1); }
+  static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static V load_w(const W* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+  static V load_w(const W* p, Mask m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+  static V load_x(const X* p) { return _mm512_loadu_ps(p); }
+  static V load_x(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 #endif
 
@@ -147,10 +169,13 @@ struct AsFloat {
   float operator()(int8_t v) const { return static_cast<float>(v); }
 };
 
-template <int A, int R, typename Store>
-void bf16_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
+// x is bf16 bits where the CPU multiplies bf16 natively, else float32 (widened once per call)
+template <int A, int R, typename X, typename Store>
+void bf16_tile(const X* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t m, int64_t n, Store&& store) {
 #if defined(TPSERVE_BF16_VECTORS)
   vector_tile<Bf16, A, R>(x, ldx, w, K, m, n, store);
+#elif defined(TPSERVE_BF16_WIDE)
+  vector_tile<Bf16Wide, A, R>(x, ldx, w, K, m, n, store);
 #else
   plain_tile<A, R>(x, ldx, w, K, m, n, AsFloat{}, store);
 #endif
@@ -217,11 +242,18 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
                        bool float_out) {
   check(x, w, bias, "bf16_linear");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_linear: bf16 x and weight");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+#if defined(TPSERVE_BF16_VECTORS)
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int64_t ldx = x.stride(0);
+#else
+  const at::Tensor xf = x.to(at::kFloat);  // contiguous: ldx below is its row stride
+  const float* xp = xf.data_ptr<float>();
+  const int64_t ldx = xf.stride(0);
+#endif
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto run = [&](auto* op) {
     auto store = [&](int64_t m, int64_t n, float v) {
@@ -631,6 +663,18 @@ bool native_bf16() {
 #endif
 }
 
+// How bf16_linear multiplies: "avx512bf16" (native dot products), "avx512f" (weights widened to
+// float32 in registers) or "plain" (compiler-vectorised C++)
+std::string bf16_path() {
+#if defined(TPSERVE_BF16_VECTORS)
+  return "avx512bf16";
+#elif defined(TPSERVE_BF16_WIDE)
+  return "avx512f";
+#else
+  return "plain";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x W^T + b for a few bf16 rows");
   m.def("int8_linear", &int8_linear, "y = (x W^T) * scale + b with an int8 weight");
@@ -639,4 +683,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_dequantize", &q4_dequantize, "the dense weight of 4-bit groups of 32");
   m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
+  m.def("bf16_path", &bf16_path, "how bf16_linear multiplies on this CPU");
 }
