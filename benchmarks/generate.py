@@ -95,13 +95,13 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
 
 
 def engine_dtype(dtype: str) -> tuple[str, str | None]:
-    """(LLM dtype, quantization) of a --dtype choice: int8 and q4 compute in bf16 where the CPU
-    has tpserve's AVX512-BF16 kernel, else in fp32."""
+    """(LLM dtype, quantization) of a --dtype choice: int8 and q4 compute in bf16 where tpserve's
+    bf16 kernel runs on this CPU (their unquantized LM head then reads half the bytes), else in fp32."""
     if dtype not in ("int8", "q4"):
         return dtype, None
     from tpserve.parallel import matvec
 
-    return ("bfloat16" if matvec.native_bf16() else "float32"), dtype
+    return ("bfloat16" if matvec.bf16_kernel() else "float32"), dtype
 
 
 def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,

@@ -81,7 +81,15 @@ def test_int8_model_layers_and_errors(tmp_path):
         layer = llm.model.model.layers[0]
         for mod in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
             assert mod.weight.dtype == torch.int8 and mod.weight_scale.shape == (mod.weight.shape[0],)
-        assert llm.model.lm_head.weight.dtype == torch.float32  # the head keeps the model's dtype
+        head = llm.model.lm_head
+        assert head.weight.dtype == torch.float32  # the head keeps the model's dtype, which is what is saved
+        assert "int8_weight" not in head.state_dict()
+        # ... and multiplies with an int8 copy, one scale per vocabulary row
+        q, scale = matvec.quantize_rows(head.weight)
+        assert torch.equal(head.int8_weight, q) and torch.equal(head.int8_scale, scale)
+        x = torch.randn(2, head.weight.shape[1])
+        torch.testing.assert_close(head(x, gather_output=False), x @ (q.float() * scale[:, None]).t(),
+                                   rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="quantization='int4' is not supported"):
         LLM(quantization="int4")
 

@@ -17,6 +17,7 @@ from tpserve.parallel.quantize import (
     checkpoint_quantization,
     prepare,
     q8_embedding,
+    quantize_head_int8,
     quantize_int8,
     quantize_q4,
 )
@@ -169,8 +170,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     allocates more than its own shard. ``decode_layout`` stores weights for fast CPU decode
     (see :func:`use_decode_layout`); the engine turns it on for CPU. ``compile`` readies the
     compiled decode step (``compile_decode``) instead, whose reductions want the usual layout,
-    so it overrides ``decode_layout``. ``quantization="int8"``: every linear layer but the LM head
-    is stored as int8 with one scale per output row (``parallel.quantize``), after loading;
+    so it overrides ``decode_layout``. ``quantization="int8"``: every linear layer is stored as int8
+    with one scale per output row (``parallel.quantize``), after loading; the LM head keeps its
+    float weight (what is saved) and multiplies with an int8 copy;
     ``"q4"``: as 4-bit groups of 32. A checkpoint saved quantized (its config.json's
     ``quantization_config``, a GGUF file's 4-bit layers among them) loads its quantized weights
     as they are, at any TP degree that keeps whole groups.
@@ -197,6 +199,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     load_weights(model, path, group, progress=progress)
     if quantization and not stored:
         (quantize_int8 if quantization == "int8" else quantize_q4)(model)
+    if (stored or quantization) == "int8":
+        quantize_head_int8(model)
     model.eval().requires_grad_(False)
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()

@@ -429,6 +429,9 @@ class ParallelLMHead(VocabParallelEmbedding):
                  dtype: torch.dtype | None = None, init: bool = True) -> None:
         super().__init__(num_embeddings, embedding_dim, group=group, device=device, dtype=dtype, init=init)
         self.gather_output = gather_output
+        # an int8 copy of the weight for decode (quantize.quantize_head_int8); never saved
+        self.register_buffer("int8_weight", None, persistent=False)
+        self.register_buffer("int8_scale", None, persistent=False)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.vocab_end - self.vocab_start, device=device, dtype=dtype))
@@ -443,7 +446,11 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.weight_scale = embedding.weight_scale
 
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
-        logits = linear(copy_to_tp_region(x, self.group), self.weight, self.bias, self.weight_scale, float_out=True).float()
+        x = copy_to_tp_region(x, self.group)
+        if self.int8_weight is not None:
+            logits = linear(x, self.int8_weight, self.bias, self.int8_scale, float_out=True).float()
+        else:
+            logits = linear(x, self.weight, self.bias, self.weight_scale, float_out=True).float()
         return self.gather(logits, self.gather_output if gather_output is None else gather_output)
 
     def gather(self, logits: torch.Tensor, mode: bool | str) -> torch.Tensor | None:
