@@ -185,6 +185,58 @@ def test_decode_kernel_equals_gathering_and_sdpa(dtype, window):
         assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("window", [0, 300])
+def test_decode_kernel_splits_long_rows_into_parts(window):
+    """Rows longer than the kernel's part of 256 keys, beside short ones: the parts' softmaxes
+    merge into the whole row's."""
+    from tpserve.models import attention
+
+    if attention.extension() is None:
+        pytest.skip("the paged decode kernel could not be built here")
+    torch.manual_seed(3)
+    bs, kv_heads, dim = 16, 3, 64
+    k = torch.randn(80, bs, kv_heads, dim) * 2  # spread scores: the parts' maxima differ
+    v = torch.randn(80, bs, kv_heads, dim)
+    order = torch.randperm(80)
+    tables = torch.stack([order[:60], order[20:80], order[5:65]])
+    lens = torch.tensor([957, 3, 257])  # 4 parts, 1, 2 (one key in the last)
+    index = torch.arange(9) // 3
+    q = torch.randn(3, 9, dim)
+    got = attention._paged_decode_op(q, k, v, tables, lens, index, dim ** -0.5, window)
+    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(window, monkeypatch):
+    """A decode row, then two short chunks over cached prefixes (kernel rows), then a long one (SDPA)."""
+    from tpserve.models import attention
+
+    if attention.extension() is None:
+        pytest.skip("the paged decode kernel could not be built here")
+    torch.manual_seed(1)
+    bs, kv_heads, dim, heads = 4, 3, 16, 9
+    k = torch.randn(20, bs, kv_heads, dim)
+    v = torch.randn(20, bs, kv_heads, dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    long = attention.KERNEL_CHUNK + 1
+    positions = [6] + [9, 10] + [3] + list(range(13 - long, 13))
+    chunks = [(2, 11, [4, 8, 2]), (1, 4, [5]), (long, 13, [9, 1, 3, 6])]
+
+    def run():
+        step = attention.make_step(inv_freq, 1.0, torch.float32, positions, slots=list(range(len(positions))),
+                                   tables=[[7, 11]], chunks=chunks, window=window)
+        q = torch.randn(len(positions), heads, dim, generator=torch.Generator().manual_seed(2))
+        return step, attention.attend(q, None, None, step, (k, v), torch.arange(heads) // 3, True)
+
+    step, got = run()
+    assert step.num_decode == 4 and len(step.chunks) == 1  # the two short chunks became kernel rows
+    monkeypatch.setattr(attention, "KERNEL_CHUNK", 0)
+    step, want = run()
+    assert step.num_decode == 1 and len(step.chunks) == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---- the engine against the loops it replaced -----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-ITL_SLACK = 1.5  # a step with prompt chunks may take this many decode steps' time more
+ITL_SLACK = 1.0  # a step with prompt chunks may take this many decode steps' time more
 FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
 MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
 
@@ -28,17 +28,18 @@ MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
 class StepTimer:
     """Running estimates of a decode step's time and a prompt token's, to size prompt chunks."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self) -> None:
         self.decode_s: float | None = None
         self.token_s: float | None = None
-        self.block_size = block_size
 
     def budget(self, decoding: bool) -> int:
         if not decoding:
             return MAX_PREFILL
         if self.decode_s is None or self.token_s is None:
             return FIRST_CHUNK
-        return max(self.block_size, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
+        # down to one token: late in a long prompt a token attends to all before it and costs
+        # several times what it did at the start (a floor of a block made such steps 6x a decode step)
+        return max(1, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
 
     def record(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
         def ema(old: float | None, new: float) -> float:
@@ -49,7 +50,10 @@ class StepTimer:
             self.decode_s = ema(self.decode_s, seconds)
         elif decode_rows == 0 or self.decode_s is not None:
             base = self.decode_s if decode_rows else 0.0
-            self.token_s = ema(self.token_s, max(seconds - base, 1e-6) / prompt_tokens)
+            cost = max(seconds - base, 1e-6) / prompt_tokens
+            # a dearer token (a longer prefix to attend to) counts at once, a cheaper one slowly:
+            # the next chunk's tokens see more keys than this one's did
+            self.token_s = cost if self.token_s is None or cost > self.token_s else ema(self.token_s, cost)
 
 
 def pack(scheduled: list[tuple[Sequence, int]], block_size: int) -> tuple[dict, list[Sequence], list]:
@@ -92,7 +96,7 @@ class LLMEngine:
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs)
-        self.timer = StepTimer(block_size)
+        self.timer = StepTimer()
         self._ids = itertools.count()
 
     @property

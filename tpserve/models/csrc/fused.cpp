@@ -195,9 +195,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "transformers' RMSNorm in one pass");
-  m.def("add_rms_norm", &add_rms_norm, "the residual sum and its RMSNorm in one pass");
-  m.def("rope", &rope, "rotate-half rotary embedding in one pass");
-  m.def("rope_store", &rope_store, "rope on a fused projection's q and k, k and v into their cache slots");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate/up output");
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "transformers' RMSNorm in one pass");
+  m.def("add_rms_norm", &add_rms_norm, py::call_guard<py::gil_scoped_release>(), "the residual sum and its RMSNorm in one pass");
+  m.def("rope", &rope, py::call_guard<py::gil_scoped_release>(), "rotate-half rotary embedding in one pass");
+  m.def("rope_store", &rope_store, py::call_guard<py::gil_scoped_release>(), "rope on a fused projection's q and k, k and v into their cache slots");
+  m.def("silu_mul", &silu_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate) * up from a fused gate/up output");
 }

@@ -676,11 +676,11 @@ std::string bf16_path() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bf16_linear", &bf16_linear, "y = x W^T + b for a few bf16 rows");
-  m.def("int8_linear", &int8_linear, "y = (x W^T) * scale + b with an int8 weight");
-  m.def("q4_linear", &q4_linear, "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
-  m.def("q8_linear", &q8_linear, "y = x W^T + b with W int8 in groups of 32 (GGUF Q8_0)");
-  m.def("q4_dequantize", &q4_dequantize, "the dense weight of 4-bit groups of 32");
+  m.def("bf16_linear", &bf16_linear, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b for a few bf16 rows");
+  m.def("int8_linear", &int8_linear, py::call_guard<py::gil_scoped_release>(), "y = (x W^T) * scale + b with an int8 weight");
+  m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
+  m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b with W int8 in groups of 32 (GGUF Q8_0)");
+  m.def("q4_dequantize", &q4_dequantize, py::call_guard<py::gil_scoped_release>(), "the dense weight of 4-bit groups of 32");
   m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
   m.def("bf16_path", &bf16_path, "how bf16_linear multiplies on this CPU");
