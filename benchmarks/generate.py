@@ -95,9 +95,11 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
 
 
 def engine_dtype(dtype: str) -> tuple[str, str | None]:
-    """(LLM dtype, quantization) of a --dtype choice: int8 and q4 compute in bf16 where tpserve's
-    bf16 kernel runs on this CPU (their unquantized LM head then reads half the bytes), else in fp32."""
-    if dtype not in ("int8", "q4"):
+    """(LLM dtype, quantization) of a --dtype choice: q4 at dtype auto (as the default model runs
+    by default); int8 computes in bf16 where tpserve's bf16 kernel runs on this CPU, else in fp32."""
+    if dtype == "q4":
+        return "auto", dtype
+    if dtype != "int8":
         return dtype, None
     from tpserve.parallel import matvec
 
@@ -224,13 +226,17 @@ def plot(path: Path, title: str, series: dict[str, dict[int, float]]) -> None:
 def bytes_per_token(path, dtype: str, gguf: bool = False) -> int:
     """Weight bytes one decoded token reads in ``dtype`` (a --dtype choice): all of them, but
     only one row of an untied input embedding (a tied one is read whole as the LM head). int8
-    reads one byte per linear weight (and a scale per row), q4 half a byte (and a float16 scale
-    and min per 32), the embedding and head in their compute dtype (``gguf``: q4 keeps the GGUF
-    file's Q8_0 embedding and tied head, 34 bytes per 32)."""
+    reads one byte per linear weight and head weight (and a scale per row), q4 half a byte (and a
+    float16 scale and min per 32), the embedding and q4's head in their compute dtype (``gguf``: q4
+    keeps the GGUF file's Q8_0 embedding and tied head, 34 bytes per 32)."""
     from tpserve.checkpoint.safetensors_io import open_checkpoint
+    from tpserve.models.loading import load_config, resolve_dtype
 
     refs = open_checkpoint(path)
-    compute = getattr(torch, engine_dtype(dtype)[0]).itemsize
+    name = engine_dtype(dtype)[0]
+    compute = (resolve_dtype("auto", torch.device("cpu"), load_config(path)) if name == "auto"
+               else getattr(torch, name)).itemsize
+    head = "lm_head.weight" if "lm_head.weight" in refs else "model.embed_tokens.weight"
     total = 0
     for name, r in refs.items():
         n = math.prod(r.shape)
@@ -241,6 +247,8 @@ def bytes_per_token(path, dtype: str, gguf: bool = False) -> int:
             total += n // 2 + 4 * (n // 32)
         elif gguf and dtype == "q4" and name == "model.embed_tokens.weight":
             total += n // 32 * 34
+        elif dtype == "int8" and name == head:  # the head's int8 copy (and one float row of a tied embedding)
+            total += n + 4 * r.shape[0] + (r.shape[1] * compute if head == "model.embed_tokens.weight" else 0)
         else:
             total += n + 4 * r.shape[0] if linear else n * compute
     return total

@@ -68,9 +68,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     - A 4-bit weight (uint8, two values a byte; ``scale`` and ``minv`` per row and group of 32,
       ``matvec.q4_linear``), an int8 weight (``scale``: one per output row, or per row and group
-      of 32 for GGUF's Q8_0, ``matvec.q8_linear``) and, on CPUs with AVX512-BF16, a bf16
-      weight at a few rows (a decode step) go through ``matvec``'s kernels, which stream the
-      weight at memory speed where torch's products reach about half of it.
+      of 32 for GGUF's Q8_0, ``matvec.q8_linear``) and, on CPUs with AVX-512, a bf16 weight
+      (``matvec.bf16_linear``: a few rows, or up to 128 without AVX512-BF16) go through
+      ``matvec``'s kernels, which stream the weight at memory speed where torch's products
+      reach about half of it.
     - Otherwise, inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows is written as
       multiply-and-sum, which inductor turns into one reduction kernel that streams the weight
       at memory speed: 22-27 GB/s against 11-16 GB/s for MKL's matrix-vector product on AMD
