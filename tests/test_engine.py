@@ -119,6 +119,7 @@ def test_script_without_main_guard_fails_fast(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "worker rank 1 failed to start" in run.stderr and '__name__ == "__main__"' in run.stderr
+    assert "can only join a started process" not in run.stderr  # the child's failed spawn left nothing to join
     assert time.monotonic() - start < 60
 
 

@@ -243,9 +243,14 @@ class LLM:
             proc = ctx.Process(target=worker_main, name=f"tpserve-worker-{rank}", daemon=True,
                                args=(rank, self.tp, port, str(self.model_path), dtype, device, child,
                                      timeout, self._cores[rank], compile, quantization))
+            try:
+                proc.start()
+            except BaseException:  # e.g. a spawned child re-running an unguarded script: nothing to join
+                parent.close()
+                child.close()
+                raise
             self._workers.append(proc)
             self._conns.append(parent)
-            proc.start()
     # ---- public API ---------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
