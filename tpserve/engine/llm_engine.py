@@ -23,23 +23,28 @@ from .sequence import Sequence
 ITL_SLACK = 1.0  # a step with prompt chunks may take this many decode steps' time more
 FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
 MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
+DEEP_PREFIX = 256  # a prompt this far in may be chunked below a block while others decode
 
 
 class StepTimer:
     """Running estimates of a decode step's time and a prompt token's, to size prompt chunks."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int) -> None:
         self.decode_s: float | None = None
         self.token_s: float | None = None
+        self.block_size = block_size
 
-    def budget(self, decoding: bool) -> int:
+    def budget(self, decoding: bool, deep: bool = False) -> int:
+        """Prompt tokens the next step may carry. At least a block, so that new prompts arriving
+        together start together; down to one token while a prompt is ``deep`` (``DEEP_PREFIX``
+        tokens in), where each token attends to all before it and costs several times what it
+        did at the start (a floor of a block made such steps 6x a decode step)."""
         if not decoding:
             return MAX_PREFILL
         if self.decode_s is None or self.token_s is None:
             return FIRST_CHUNK
-        # down to one token: late in a long prompt a token attends to all before it and costs
-        # several times what it did at the start (a floor of a block made such steps 6x a decode step)
-        return max(1, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
+        floor = 1 if deep else self.block_size
+        return max(floor, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
 
     def record(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
         def ema(old: float | None, new: float) -> float:
@@ -96,7 +101,7 @@ class LLMEngine:
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs)
-        self.timer = StepTimer()
+        self.timer = StepTimer(block_size)
         self._ids = itertools.count()
 
     @property
@@ -127,8 +132,10 @@ class LLMEngine:
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """Run one step; each sequence that got a token, with its new token ids (empty when it
         ended on EOS). A finished sequence has left the engine by the time this returns."""
-        decoding = any(s.num_tokens - s.num_computed == 1 for s in self.scheduler.running)
-        scheduled = self.scheduler.schedule(self.timer.budget(decoding))
+        running = self.scheduler.running
+        decoding = any(s.num_tokens - s.num_computed == 1 for s in running)
+        deep = any(s.num_tokens - s.num_computed > 1 and s.num_computed >= DEEP_PREFIX for s in running)
+        scheduled = self.scheduler.schedule(self.timer.budget(decoding, deep))
         if not scheduled:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
                 raise RuntimeError("the scheduler could not place a waiting request in an empty cache")

@@ -81,7 +81,7 @@ class ServingEngine:
         try:
             if compile:
                 self._compile_now()
-                self.engine.timer = StepTimer()  # the compiles' step times say nothing
+                self.engine.timer = StepTimer(self.engine.block_size)  # the compiles' step times say nothing
         except BaseException:
             self.llm.close()
             raise
