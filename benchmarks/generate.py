@@ -233,9 +233,9 @@ def bytes_per_token(path, dtype: str, gguf: bool = False) -> int:
     from tpserve.models.loading import load_config, resolve_dtype
 
     refs = open_checkpoint(path)
-    name = engine_dtype(dtype)[0]
-    compute = (resolve_dtype("auto", torch.device("cpu"), load_config(path)) if name == "auto"
-               else getattr(torch, name)).itemsize
+    compute_name = engine_dtype(dtype)[0]
+    compute = (resolve_dtype("auto", torch.device("cpu"), load_config(path)) if compute_name == "auto"
+               else getattr(torch, compute_name)).itemsize
     head = "lm_head.weight" if "lm_head.weight" in refs else "model.embed_tokens.weight"
     total = 0
     for name, r in refs.items():

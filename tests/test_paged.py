@@ -163,13 +163,19 @@ def test_max_num_seqs_bounds_the_running_set():
 
 # ---- the decode kernel ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("window", [0, 5])
-def test_decode_kernel_equals_gathering_and_sdpa(dtype, window):
+@pytest.fixture()
+def attention():
+    """``tpserve.models.attention`` with its paged decode kernel built (else the test skips)."""
     from tpserve.models import attention
 
     if attention.extension() is None:
         pytest.skip("the paged decode kernel could not be built here")
+    return attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_kernel_equals_gathering_and_sdpa(attention, dtype, window):
     torch.manual_seed(0)
     blocks, bs, kv_heads, dim = 12, 4, 2, 16
     k = torch.randn(blocks, bs, kv_heads, dim).to(dtype)
@@ -186,13 +192,9 @@ def test_decode_kernel_equals_gathering_and_sdpa(dtype, window):
 
 
 @pytest.mark.parametrize("window", [0, 300])
-def test_decode_kernel_splits_long_rows_into_parts(window):
+def test_decode_kernel_splits_long_rows_into_parts(attention, window):
     """Rows longer than the kernel's part of 256 keys, beside short ones: the parts' softmaxes
     merge into the whole row's."""
-    from tpserve.models import attention
-
-    if attention.extension() is None:
-        pytest.skip("the paged decode kernel could not be built here")
     torch.manual_seed(3)
     bs, kv_heads, dim = 16, 3, 64
     k = torch.randn(80, bs, kv_heads, dim) * 2  # spread scores: the parts' maxima differ
@@ -208,12 +210,8 @@ def test_decode_kernel_splits_long_rows_into_parts(window):
 
 
 @pytest.mark.parametrize("window", [0, 5])
-def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(window, monkeypatch):
+def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, window, monkeypatch):
     """A decode row, then two short chunks over cached prefixes (kernel rows), then a long one (SDPA)."""
-    from tpserve.models import attention
-
-    if attention.extension() is None:
-        pytest.skip("the paged decode kernel could not be built here")
     torch.manual_seed(1)
     bs, kv_heads, dim, heads = 4, 3, 16, 9
     k = torch.randn(20, bs, kv_heads, dim)

@@ -151,7 +151,7 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         std::fill(sum.begin(), sum.end(), 0.f);
         float z = 0.f;
         for (int64_t i = p0; i < p1; ++i) {
-          const float f = p1 - p0 == 1 ? 1.f : std::exp(most[i * g_max + j] - top);
+          const float f = std::exp(most[i * g_max + j] - top);  // 1 for the part holding the maximum
           const float* a = acc.data() + (i * g_max + j) * dim;
           z += f * total[i * g_max + j];
 #pragma omp simd

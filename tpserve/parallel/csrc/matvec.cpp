@@ -73,41 +73,37 @@ struct Bf16 {
 };
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Weights widened to float32 in registers, times float32 activations: what the kinds below share.
+struct FloatActs {
+  using X = float;
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int64_t STEP = 16;
+  static Mask tail(int64_t n) { return (Mask)((1u << n) - 1); }
+  static V load_x(const X* p) { return _mm512_loadu_ps(p); }
+  static V load_x(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+#define TPSERVE_INT8_VECTORS 1
+struct Int8 : FloatActs {
+  using W = int8_t;
+  static V load_w(const W* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+  static V load_w(const W* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+};
+#endif
+
 #if !defined(TPSERVE_BF16_VECTORS) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // Without AVX512-BF16: each bf16 weight widened to float32 (its bits shifted up 16) and multiplied
 // with float32 activations. Two cheap instructions per 16 weights keep the loop bound by memory,
 // so bf16 still reads half of fp32's bytes per token.
 #define TPSERVE_BF16_WIDE 1
-struct Bf16Wide {
-  using X = float;
+struct Bf16Wide : FloatActs {
   using W = uint16_t;
-  using V = __m512;
-  using Mask = __mmask16;
-  static constexpr int64_t STEP = 16;
-  static Mask tail(int64_t n) { return (Mask)((1u << n) - 1); }
   static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
   static V load_w(const W* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
   static V load_w(const W* p, Mask m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-  static V load_x(const X* p) { return _mm512_loadu_ps(p); }
-  static V load_x(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
-};
-#endif
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define TPSERVE_INT8_VECTORS 1
-struct Int8 {  // widened to float32; the activations are float32 already
-  using X = float;
-  using W = int8_t;
-  using V = __m512;
-  using Mask = __mmask16;
-  static constexpr int64_t STEP = 16;
-  static Mask tail(int64_t n) { return (Mask)((1u << n) - 1); }
-  static V load_w(const W* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
-  static V load_w(const W* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
-  static V load_x(const X* p) { return _mm512_loadu_ps(p); }
-  static V load_x(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 #endif
 
