@@ -24,8 +24,10 @@ keeps on CPUs with AVX512-VNNI), else float32 on CPU:
 
 Every request streams (``stream: true``, ``stream_options.include_usage``, greedy, ``ignore_eos``,
 exactly ``max_tokens`` tokens, checked against the usage chunk); the client (asyncio + httpx, in
-this process, serve_load.py) records when each content chunk arrives. TTFT = first content chunk
-- send; ITL = gaps between consecutive content chunks of one request (tok/chunk says how many
+this process, serve_load.py) records when each chunk bringing a token arrives (vLLM and tpserve
+stream one per token, text or not: a token that completes no character yet comes with empty text;
+counting only chunks with text made such a token a double gap). TTFT = first token chunk
+- send; ITL = gaps between consecutive token chunks of one request (tok/chunk says how many
 tokens a chunk carried); e2e = end of stream - send; throughput = generated tokens / wall time of
 the level. Workloads, per backend in this order:
 
@@ -36,7 +38,7 @@ the level. Workloads, per backend in this order:
   4-10-token prompts one after another, after a warm-up round of one request per client (not counted).
 * ``shared-system``: the same levels, chat requests with that system prompt (1,500 +- 50 tokens by
   the model's tokenizer: sentences in a seeded order) and a different user message each.
-* ``admission``: 8 completions of short prompts decoding 256 tokens; once each has 20 content
+* ``admission``: 8 completions of short prompts decoding 256 tokens; once each has 20 token
   chunks, one ~1,500-token prompt (another sentence order, max_tokens 8) is sent. Window = from
   sending it to its first token; ratio = worst gap of the 8 streams overlapping the window /
   median gap in the window of equal length just before it (target <= 3). One trial; not run on

@@ -44,7 +44,7 @@ SENTENCES = [  # the long texts are these, in seeded orders: varied enough not t
 
 @dataclass
 class Stream:
-    """One streamed request: when it was sent, when each content chunk arrived, when it ended."""
+    """One streamed request: when it was sent, when each chunk bringing a token arrived, when it ended."""
     sent: float = 0.0
     chunks: list[float] = field(default_factory=list)
     done: float = 0.0
@@ -93,6 +93,17 @@ def chat(model: str, system: str, user: str, max_tokens: int) -> tuple[str, dict
     return "/v1/chat/completions", {"model": model, "messages": messages, **_common(max_tokens)}
 
 
+def carries_token(choice: dict) -> bool:
+    """Whether a streamed choice brings a token: text, or an empty piece (a token that completes no
+    character yet; vLLM and tpserve stream one chunk per token), not a chat's role chunk or a
+    finish on its own."""
+    delta = choice.get("delta")
+    if delta is not None:
+        return bool(delta.get("content")) or ("content" in delta and "role" not in delta
+                                              and choice.get("finish_reason") is None)
+    return bool(choice.get("text")) or ("text" in choice and choice.get("finish_reason") is None)
+
+
 async def send(http: httpx.AsyncClient, path: str, body: dict, s: Stream | None = None) -> Stream:
     """Stream one request into ``s``; raise unless it ends with exactly max_tokens tokens."""
     s = s or Stream()
@@ -107,7 +118,7 @@ async def send(http: httpx.AsyncClient, path: str, body: dict, s: Stream | None 
             obj = json.loads(line[6:])
             if "error" in obj:
                 raise RuntimeError(f"{path}: {obj['error']}")
-            if any(c.get("text") or (c.get("delta") or {}).get("content") for c in obj.get("choices") or []):
+            if any(carries_token(c) for c in obj.get("choices") or []):
                 s.chunks.append(now)
             if obj.get("usage"):
                 s.tokens = obj["usage"]["completion_tokens"]
@@ -158,7 +169,7 @@ async def prefix_probe(url: str, model: str, system: str) -> dict:
 
 
 async def admission_probe(url: str, model: str, long_prompt: str, streams: int = 8, after: int = 20) -> dict:
-    """``streams`` short prompts decoding 256 tokens; once each has ``after`` content chunks, one
+    """``streams`` short prompts decoding 256 tokens; once each has ``after`` token chunks, one
     long prompt (max_tokens 8) is sent. Window = from sending it to its first token. Worst gap of
     the running streams overlapping the window, against the median gap of those streams in the
     window of equal length just before (gaps starting after every stream had its first chunk)."""

@@ -68,7 +68,8 @@ class FakeEngine:
     context = 512
     queue_depth = 0
 
-    def __init__(self, step_s: float = 0.005) -> None:
+    def __init__(self, step_s: float = 0.005, reply: list[str] = REPLY) -> None:
+        self.reply = reply
         self.tokenizer = FakeTokenizer()
         self.error: str | None = None
         self.step_s = step_s
@@ -125,12 +126,12 @@ class FakeEngine:
                 items = list(self._active.items())
             for rid, r in items:
                 i = r.done
-                if i == len(REPLY) and not r.params.ignore_eos:
+                if i == len(self.reply) and not r.params.ignore_eos:
                     event = Event(rid, "", [], "stop", None, r.prompt_tokens, i)
                 else:
                     r.done += 1
                     finish = "length" if r.done >= r.params.max_tokens else None
-                    event = Event(rid, REPLY[i % len(REPLY)], [100 + i], finish, None, r.prompt_tokens, r.done)
+                    event = Event(rid, self.reply[i % len(self.reply)], [100 + i], finish, None, r.prompt_tokens, r.done)
                 with self._lock:
                     if rid not in self._active:
                         continue
@@ -289,6 +290,20 @@ def test_completion_stream(fake):
         assert "".join(ch["text"] for ch in mine) == "Hello from the"
         assert mine[-1]["finish_reason"] == "length"
     assert all(ch["object"] == "text_completion" for ch in events[:-1])
+
+
+def test_a_token_that_completes_no_character_still_streams_a_chunk():
+    """As vLLM streams: one chunk per token, with empty text while a character is incomplete (the
+    first half of a two-token character), so clients can time every token."""
+    with running(create_app(FakeEngine(reply=["Caf", "", "\u00e9 ok"]))) as url, httpx.Client(base_url=url, timeout=10) as c:
+        body = {"model": M, "prompt": "hi", "max_tokens": 3, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            texts = [ch["choices"][0]["text"] for ch in sse(r.iter_lines())[:-1]]
+        assert texts == ["Caf", "", "\u00e9 ok"]
+        body = {"model": M, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            deltas = [ch["choices"][0]["delta"] for ch in sse(r.iter_lines())[1:-1]]
+        assert deltas == [{"content": "Caf"}, {"content": ""}, {"content": "\u00e9 ok"}]
 
 
 BAD = [

@@ -277,7 +277,8 @@ async def _answer(request: Request, engine, gen, req: GenerationRequest, chat: b
             echo = not chat and req.echo and event is not None and not choice.started
             if echo:  # a completion's echoed prompt comes before its first piece of text
                 text = _prompt_text(engine, choice) + (text or "")
-            part = {"delta": {"content": text} if text else {}} if chat else {"text": text or ""}
+            token = event is not None and bool(event.token_ids)  # a token that completes no character: content ""
+            part = {"delta": {"content": text or ""} if text or token else {}} if chat else {"text": text or ""}
             logprobs = None
             if event is not None and event.logprobs:
                 new = event.token_ids[:len(event.logprobs)]

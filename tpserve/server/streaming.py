@@ -172,7 +172,8 @@ def stream(gen: Generation, chunk: Callable[[Choice, Any], dict], include_usage:
             yield _sse(h)
         try:
             async for choice, event in _events(gen):
-                if event.text or event.finish_reason or event.logprobs:
+                # a chunk per token, as vLLM streams, even one that completes no character yet
+                if event.text or event.token_ids or event.finish_reason or event.logprobs:
                     yield _sse(chunk(choice, event))
                     choice.started = True
         except EngineFailed as exc:
