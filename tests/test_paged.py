@@ -209,6 +209,29 @@ def test_decode_kernel_splits_long_rows_into_parts(attention, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 300])
+def test_decode_kernel_takes_a_chunks_rows_together(attention, window):
+    """A prompt chunk's rows (one table, one more key each) read each part of their keys once,
+    together, more than a group's worth of them included: each row's result is bit for bit what
+    it is alone, and what gathering and SDPA give."""
+    torch.manual_seed(4)
+    bs, kv_heads, dim = 16, 3, 64
+    k = torch.randn(80, bs, kv_heads, dim) * 2
+    v = torch.randn(80, bs, kv_heads, dim)
+    order = torch.randperm(80)
+    chunk = 20  # rows: more than the kernel's 16 a group
+    tables = torch.stack([order[20:80]] + [order[:60]] * chunk + [order[5:65]])
+    lens = torch.tensor([300] + list(range(500, 500 + chunk)) + [257])  # the chunk's keys cross a part's end
+    index = torch.arange(9) // 3
+    q = torch.randn(len(lens), 9, dim)
+    got = attention._paged_decode_op(q, k, v, tables, lens, index, dim ** -0.5, window)
+    for r in range(len(lens)):
+        alone = attention._paged_decode_op(q[r:r + 1], k, v, tables[r:r + 1], lens[r:r + 1], index, dim ** -0.5, window)
+        assert torch.equal(got[r:r + 1], alone), r
+    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, window, monkeypatch):
     """A decode row, then two short chunks over cached prefixes (kernel rows), then a long one (SDPA)."""
@@ -218,8 +241,9 @@ def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, w
     v = torch.randn(20, bs, kv_heads, dim)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     long = attention.KERNEL_CHUNK + 1
-    positions = [6] + [9, 10] + [3] + list(range(13 - long, 13))
-    chunks = [(2, 11, [4, 8, 2]), (1, 4, [5]), (long, 13, [9, 1, 3, 6])]
+    keys = long + 3  # over 3 cached ones
+    positions = [6] + [9, 10] + [3] + list(range(keys - long, keys))
+    chunks = [(2, 11, [4, 8, 2]), (1, 4, [5]), (long, keys, [9, 1, 3, 6, 12, 14][:-(-keys // bs)])]
 
     def run():
         step = attention.make_step(inv_freq, 1.0, torch.float32, positions, slots=list(range(len(positions))),

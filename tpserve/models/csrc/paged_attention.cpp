@@ -2,8 +2,9 @@
 //
 // Each decode row's query attends to the keys its block table names, without first copying
 // them into a per-row buffer: rows that share a long prompt's blocks read the same memory.
-// One task per (row, KV head, part of at most PART keys), for all the query heads that KV head
-// serves, so its keys and values are read once per row; softmax in float32 (see attend_part).
+// One task per (group of rows, KV head, part of at most PART keys), for all the query heads that
+// KV head serves, so its keys and values are read once per group (a decode row is a group of one;
+// a prompt chunk's rows, one per token, are one group); softmax in float32 (see attend_part).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -11,9 +12,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fast_exp.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -24,50 +30,55 @@ namespace {
 // what else is in the batch or on the thread count.
 constexpr int64_t PART = 256;
 
-// One part: the `g` query heads `qf` (float32 [g, dim], already scaled) that one KV head serves,
-// against that head's keys at positions [first, last) of one sequence (`kp`, `vp`: the cache at
-// this KV head; a position's token is at table[p / block] * block_stride + (p % block) * token_stride).
-// Three passes, each over contiguous data the compiler vectorizes: the scores (each key read once
-// for all g heads), their exponentials less each head's maximum, then the values (each read once
-// for all g heads) into `acc` [g, dim], unnormalised; `most` and `total` [g] get each head's
-// largest score and sum of exponentials. `D`: the head size when known at compile time (0: `dim`).
+// One part: the `nq` queries `qf` (float32 [nq, dim], already scaled) that read one KV head's keys
+// at positions [first, last) of one sequence (`kp`, `vp`: the cache at this KV head; a position's
+// token is at table[p / block] * block_stride + (p % block) * token_stride). Query j sees only the
+// positions [lo[j], hi[j]) (the rows of a prompt chunk see different numbers of keys). Three
+// passes, each over contiguous data the compiler vectorizes: the scores (each key read once for all
+// queries), their exponentials less each query's maximum, then the values (each read once for all
+// queries) into `acc` [nq, dim], unnormalised; `most` and `total` [nq] get each query's largest
+// score and sum of exponentials (-inf and 0 where it sees none of these keys). `D`: the head size
+// when known at compile time (0: `dim`).
 template <typename T, int D>
-void attend_part(const float* qf, int64_t g, const T* kp, const T* vp, const int64_t* table, int64_t block,
-                 int64_t block_stride, int64_t token_stride, int64_t first, int64_t last, int64_t dim_rt,
-                 std::vector<float>& score, std::vector<int64_t>& where, float* acc, float* most, float* total) {
+void attend_part(const float* qf, int64_t nq, const int64_t* lo, const int64_t* hi, const T* kp, const T* vp,
+                 const int64_t* table, int64_t block, int64_t block_stride, int64_t token_stride, int64_t first,
+                 int64_t last, int64_t dim_rt, std::vector<float>& score, std::vector<int64_t>& where, float* acc,
+                 float* most, float* total) {
   const int64_t dim = D ? D : dim_rt, n = last - first;
   where.resize(n);  // each position's offset in the cache, found once (a division each)
   for (int64_t p = first; p < last; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
-  score.resize(g * n);
+  score.resize(nq * n);
   float* sc = score.data();
-  std::fill(most, most + g, -std::numeric_limits<float>::infinity());
   for (int64_t p = first; p < last; ++p) {
     const T* k = kp + where[p - first];
-    for (int64_t j = 0; j < g; ++j) {
+    for (int64_t j = 0; j < nq; ++j) {
       const float* qj = qf + j * dim;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < dim; ++d) s += qj[d] * static_cast<float>(k[d]);
       sc[j * n + p - first] = s;
-      most[j] = std::max(most[j], s);
     }
   }
-  for (int64_t j = 0; j < g; ++j) {
+  for (int64_t j = 0; j < nq; ++j) {
     float* sj = sc + j * n;
-    const float top = most[j];
-    float sum = 0.f;
+    const int64_t a = std::max<int64_t>(lo[j], first) - first, b = std::min<int64_t>(hi[j], last) - first;
+    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t i = a; i < b; ++i) top = std::max(top, sj[i]);
+    for (int64_t i = 0; i < std::min(a, n); ++i) sj[i] = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = a; i < b; ++i) {
       const float e = fast_exp(sj[i] - top);  // (std::exp would be a scalar call per score)
       sj[i] = e;
       sum += e;
     }
+    for (int64_t i = std::max<int64_t>(b, 0); i < n; ++i) sj[i] = 0.f;
+    most[j] = top;
     total[j] = sum;
   }
-  std::fill(acc, acc + g * dim, 0.f);
+  std::fill(acc, acc + nq * dim, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const T* v = vp + where[i];
-    for (int64_t j = 0; j < g; ++j) {
+    for (int64_t j = 0; j < nq; ++j) {
       const float w = sc[j * n + i];
       float* aj = acc + j * dim;
 #pragma omp simd
@@ -76,8 +87,99 @@ void attend_part(const float* qf, int64_t g, const T* kp, const T* vp, const int
   }
 }
 
+#if defined(__AVX512F__)
+// The same part in AVX-512 for head sizes of 64 and 128 (float32, bf16 or fp16 caches): scores 16
+// keys at a time, each key's dot products for a query left as a vector and the 16 vectors summed
+// into one vector of 16 scores by a tree of shuffles (a per-score horizontal sum cost twice its
+// multiplies); values into accumulators held in registers for up to 4 queries at once. Each score
+// and each sum is computed in one fixed order, wherever its key falls among the 16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// lane i of the result: the sum of v[i]'s 16 lanes
+inline __m512 sum16(const __m512* v) {
+  __m512 s[8], w[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44), _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+template <typename T, int D>
+void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const int64_t* hi, const T* kp,
+                        const T* vp, const int64_t* table, int64_t block, int64_t block_stride, int64_t token_stride,
+                        int64_t first, int64_t last, std::vector<float>& score, std::vector<int64_t>& where,
+                        float* acc, float* most, float* total) {
+  constexpr int V = D / 16;  // vectors per head
+  const int64_t n = last - first, n16 = (n + 15) / 16 * 16;
+  where.resize(n);
+  for (int64_t p = first; p < last; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
+  score.resize(nq * n16);
+  float* sc = score.data();
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t m = std::min<int64_t>(16, n - t);
+    __m512 key[16][V];
+    for (int64_t i = 0; i < 16; ++i)
+      for (int c = 0; c < V; ++c) key[i][c] = i < m ? load16(kp + where[t + i] + 16 * c) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < nq; ++j) {
+      __m512 qv[V], dots[16];
+      for (int c = 0; c < V; ++c) qv[c] = _mm512_loadu_ps(qf + j * D + 16 * c);
+      for (int i = 0; i < 16; ++i) {
+        __m512 d = _mm512_mul_ps(qv[0], key[i][0]);
+        for (int c = 1; c < V; ++c) d = _mm512_fmadd_ps(qv[c], key[i][c], d);
+        dots[i] = d;
+      }
+      _mm512_storeu_ps(sc + j * n16 + t, sum16(dots));
+    }
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    float* sj = sc + j * n16;
+    const int64_t a = std::max<int64_t>(lo[j], first) - first, b = std::min<int64_t>(hi[j], last) - first;
+    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t i = a; i < b; ++i) top = std::max(top, sj[i]);
+    for (int64_t i = 0; i < std::min(a, n); ++i) sj[i] = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = a; i < b; ++i) {
+      const float e = fast_exp(sj[i] - top);
+      sj[i] = e;
+      sum += e;
+    }
+    for (int64_t i = std::max<int64_t>(b, 0); i < n; ++i) sj[i] = 0.f;
+    most[j] = top;
+    total[j] = sum;
+  }
+  for (int64_t j0 = 0; j0 < nq; j0 += 4) {
+    const int64_t qs = std::min<int64_t>(4, nq - j0);
+    __m512 out[4][V];
+    for (int j = 0; j < 4; ++j)
+      for (int c = 0; c < V; ++c) out[j][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 val[V];
+      for (int c = 0; c < V; ++c) val[c] = load16(vp + where[i] + 16 * c);
+      for (int64_t j = 0; j < qs; ++j) {
+        const __m512 w = _mm512_set1_ps(sc[(j0 + j) * n16 + i]);
+        for (int c = 0; c < V; ++c) out[j][c] = _mm512_fmadd_ps(w, val[c], out[j][c]);
+      }
+    }
+    for (int64_t j = 0; j < qs; ++j)
+      for (int c = 0; c < V; ++c) _mm512_storeu_ps(acc + (j0 + j) * D + 16 * c, out[j][c]);
+  }
+}
+#endif
+
+// Rows that follow one another with the same block table (a prompt chunk, a row per token) are
+// one group: each part of their keys is read once for all of them. At most this many rows a group.
+constexpr int64_t GROUP_ROWS = 16;
+
 struct Part {
-  int64_t row, kv_head, first, last;
+  int64_t group, kv_head, first, last, slot;  // slot: its first query's place in acc / most / total
 };
 
 template <typename T>
@@ -97,63 +199,111 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   const int64_t token_stride = kv_heads * dim, block_stride = block * token_stride;
   // the query heads each KV head serves: its keys and values are read once for all of them
   std::vector<std::vector<int64_t>> served(kv_heads);
-  int64_t g_max = 0;
   for (int64_t h = 0; h < heads; ++h) served[hp[h]].push_back(h);
-  for (const auto& s : served) g_max = std::max<int64_t>(g_max, s.size());
-  const auto part_fn = dim == 64 ? attend_part<T, 64> : dim == 128 ? attend_part<T, 128> : attend_part<T, 0>;
+  auto part_fn = [&](const float* qf, int64_t nq, const int64_t* lo, const int64_t* hi, const T* k, const T* v,
+                     const int64_t* table, int64_t first, int64_t last, std::vector<float>& score,
+                     std::vector<int64_t>& where, float* acc, float* most, float* total) {
+#if defined(__AVX512F__)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (dim == 64)
+        return attend_part_avx512<T, 64>(qf, nq, lo, hi, k, v, table, block, block_stride, token_stride, first, last,
+                                         score, where, acc, most, total);
+      if (dim == 128)
+        return attend_part_avx512<T, 128>(qf, nq, lo, hi, k, v, table, block, block_stride, token_stride, first,
+                                          last, score, where, acc, most, total);
+    }
+#endif
+    const auto plain = dim == 64 ? attend_part<T, 64> : dim == 128 ? attend_part<T, 128> : attend_part<T, 0>;
+    plain(qf, nq, lo, hi, k, v, table, block, block_stride, token_stride, first, last, dim, score, where, acc, most,
+          total);
+  };
 
-  // every (row, KV head)'s keys, in parts; `begins[t]`: the first part of task t = row * kv_heads + kv_head
-  std::vector<Part> parts;
-  std::vector<int64_t> begins(rows * kv_heads + 1);
+  // keys row r sees: [key_lo[r], key_hi[r]): its own and those before, all its blocks hold, inside the window
+  std::vector<int64_t> key_lo(rows), key_hi(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    // keys the row sees: its own and those before, all its blocks hold, inside the window
-    const int64_t len = std::min(lp[r], max_blocks * block);
-    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    key_hi[r] = std::min(lp[r], max_blocks * block);
+    key_lo[r] = window > 0 ? std::max<int64_t>(0, key_hi[r] - window) : 0;
+  }
+  std::vector<int64_t> starts;  // first row of each group, then `rows`
+  for (int64_t r = 0; r < rows; ++r)
+    if (starts.empty() || r - starts.back() >= GROUP_ROWS ||
+        !std::equal(tp + r * max_blocks, tp + (r + 1) * max_blocks, tp + (r - 1) * max_blocks))
+      starts.push_back(r);
+  const int64_t groups = static_cast<int64_t>(starts.size());
+  starts.push_back(rows);
+
+  // every (group, KV head)'s keys, in parts; `begins[t]`: the first part of task t = group * kv_heads + kv_head
+  std::vector<Part> parts;
+  std::vector<int64_t> begins(groups * kv_heads + 1);
+  int64_t slots = 0;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t r0 = starts[gi], r1 = starts[gi + 1];
+    int64_t first = key_lo[r0], last = key_hi[r0];
+    for (int64_t r = r0; r < r1; ++r) first = std::min(first, key_lo[r]), last = std::max(last, key_hi[r]);
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      begins[r * kv_heads + kvh] = static_cast<int64_t>(parts.size());
-      if (served[kvh].empty()) continue;
-      for (int64_t p = first; p < len; p += PART) parts.push_back({r, kvh, p, std::min(len, p + PART)});
+      begins[gi * kv_heads + kvh] = static_cast<int64_t>(parts.size());
+      const int64_t nq = (r1 - r0) * static_cast<int64_t>(served[kvh].size());
+      if (nq == 0) continue;
+      // parts begin at multiples of PART, so a row's parts are the same in any group and batch
+      for (int64_t p = first / PART * PART; p < last; p += PART) {
+        parts.push_back({gi, kvh, std::max(p, first), std::min(last, p + PART), slots});
+        slots += nq;
+      }
     }
   }
-  begins[rows * kv_heads] = static_cast<int64_t>(parts.size());
+  begins[groups * kv_heads] = static_cast<int64_t>(parts.size());
   const int64_t np = static_cast<int64_t>(parts.size());
-  std::vector<float> acc(np * g_max * dim), most(np * g_max), total(np * g_max);
+  std::vector<float> acc(slots * dim), most(slots), total(slots);
 
   // parts taken one at a time as threads come free: a long row's parts sit together at its place
   // in the list, and an even static split would hand them all to one thread
 #pragma omp parallel num_threads(at::get_num_threads()) if (np > 1)
   {
-    std::vector<float> qf(g_max * dim), score;
-    std::vector<int64_t> where;
+    std::vector<float> qf, score;
+    std::vector<int64_t> where, lo, hi;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < np; ++i) {
       const Part& pt = parts[i];
       const std::vector<int64_t>& group = served[pt.kv_head];
-      const int64_t g = static_cast<int64_t>(group.size());
-      for (int64_t j = 0; j < g; ++j)
-        for (int64_t d = 0; d < dim; ++d)
-          qf[j * dim + d] = static_cast<float>(qp[(pt.row * heads + group[j]) * dim + d]) * static_cast<float>(scale);
-      part_fn(qf.data(), g, kp + pt.kv_head * dim, vp + pt.kv_head * dim, tp + pt.row * max_blocks, block,
-              block_stride, token_stride, pt.first, pt.last, dim, score, where, acc.data() + i * g_max * dim,
-              most.data() + i * g_max, total.data() + i * g_max);
+      const int64_t g = static_cast<int64_t>(group.size()), r0 = starts[pt.group], r1 = starts[pt.group + 1];
+      const int64_t nq = (r1 - r0) * g;
+      qf.resize(nq * dim), lo.resize(nq), hi.resize(nq);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < g; ++j) {
+          const int64_t at = (r - r0) * g + j;
+          lo[at] = key_lo[r], hi[at] = key_hi[r];
+          for (int64_t d = 0; d < dim; ++d)
+            qf[at * dim + d] = static_cast<float>(qp[(r * heads + group[j]) * dim + d]) * static_cast<float>(scale);
+        }
+      part_fn(qf.data(), nq, lo.data(), hi.data(), kp + pt.kv_head * dim, vp + pt.kv_head * dim,
+              tp + r0 * max_blocks, pt.first, pt.last, score, where, acc.data() + pt.slot * dim,
+              most.data() + pt.slot, total.data() + pt.slot);
     }
   }
 
-  // each (row, KV head): its parts' sums rescaled to the largest maximum, in part order
+  // each (row, KV head): its group's parts' sums rescaled to the largest maximum, in part order
+  std::vector<int64_t> group_of(rows);
+  for (int64_t gi = 0; gi < groups; ++gi)
+    for (int64_t r = starts[gi]; r < starts[gi + 1]; ++r) group_of[r] = gi;
   at::parallel_for(0, rows * kv_heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / kv_heads, kvh = t % kv_heads, p0 = begins[t], p1 = begins[t + 1];
+      const int64_t r = t / kv_heads, kvh = t % kv_heads, gi = group_of[r];
+      const int64_t p0 = begins[gi * kv_heads + kvh], p1 = begins[gi * kv_heads + kvh + 1];
       const std::vector<int64_t>& group = served[kvh];
-      for (int64_t j = 0; j < static_cast<int64_t>(group.size()); ++j) {
+      const int64_t g = static_cast<int64_t>(group.size());
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t at = (r - starts[gi]) * g + j;  // this query's place among its group's
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t i = p0; i < p1; ++i) top = std::max(top, most[i * g_max + j]);
+        for (int64_t i = p0; i < p1; ++i) top = std::max(top, most[parts[i].slot + at]);
         std::fill(sum.begin(), sum.end(), 0.f);
         float z = 0.f;
         for (int64_t i = p0; i < p1; ++i) {
-          const float f = std::exp(most[i * g_max + j] - top);  // 1 for the part holding the maximum
-          const float* a = acc.data() + (i * g_max + j) * dim;
-          z += f * total[i * g_max + j];
+          const int64_t k = parts[i].slot + at;
+          if (total[k] == 0.f) continue;  // it saw none of this part's keys
+          const float f = std::exp(most[k] - top);  // 1 for the part holding the maximum
+          const float* a = acc.data() + k * dim;
+          z += f * total[k];
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) sum[d] += f * a[d];
         }
