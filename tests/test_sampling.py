@@ -85,7 +85,7 @@ def test_a_shared_prefix_is_computed_once_and_reused_after_its_request_ended(llm
 
 
 def test_prompt_chunks_are_sized_by_measured_step_times():
-    from tpserve.engine.llm_engine import FIRST_CHUNK, ITL_SLACK, MAX_PREFILL, StepTimer
+    from tpserve.engine.llm_engine import FIRST_CHUNK, ITL_SLACK, MAX_PREFILL, MIN_CHUNK, StepTimer
 
     timer = StepTimer(block_size=16)
     assert timer.budget(decoding=False) == MAX_PREFILL  # nobody is waiting for a token
@@ -94,11 +94,12 @@ def test_prompt_chunks_are_sized_by_measured_step_times():
     timer.record(decode_rows=16, prompt_tokens=100, seconds=0.250)  # 2 ms per prompt token
     assert timer.budget(decoding=True) == int(ITL_SLACK * 0.050 / 0.002)
     # late in a long prompt each token attends to more keys: a dearer token counts at once ...
-    timer.record(decode_rows=16, prompt_tokens=5, seconds=0.100)  # 10 ms per prompt token
-    assert timer.budget(decoding=True, deep=True) == int(ITL_SLACK * 0.050 / 0.010)
-    assert timer.budget(decoding=True) == 16  # new prompts still start a block at a time
-    timer.record(decode_rows=16, prompt_tokens=1, seconds=0.150)  # 100 ms: one token a step, never none
-    assert timer.budget(decoding=True, deep=True) == 1
+    timer.record(decode_rows=16, prompt_tokens=5, seconds=0.075)  # 5 ms per prompt token
+    assert timer.token_s == pytest.approx(0.005)
+    assert timer.budget(decoding=True, long=True) == int(ITL_SLACK * timer.decode_s / timer.token_s) > MIN_CHUNK
+    assert timer.budget(decoding=True) == 16  # short prompts still start a block at a time
+    timer.record(decode_rows=16, prompt_tokens=1, seconds=0.150)  # 100 ms: a kernel tile a step, never less
+    assert timer.budget(decoding=True, long=True) == MIN_CHUNK
     timer.record(decode_rows=16, prompt_tokens=10, seconds=0.070)  # ... a cheaper one slowly
     assert 0.010 < timer.token_s < 0.100
     timer.record(decode_rows=16, prompt_tokens=0, seconds=30.0)  # a compile: the estimate moves, but not to 30 s

@@ -20,10 +20,11 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-ITL_SLACK = 1.0  # a step with prompt chunks may take this many decode steps' time more
+ITL_SLACK = 0.7  # a step with prompt chunks may take this many decode steps' time more
 FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
 MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
-DEEP_PREFIX = 256  # a prompt this far in may be chunked below a block while others decode
+LONG_PROMPT = 256  # a prompt this long may be chunked below a block while others decode
+MIN_CHUNK = 4  # ... but not below this: the decode kernels take rows in tiles of 4, so fewer cost as much
 
 
 class StepTimer:
@@ -34,16 +35,16 @@ class StepTimer:
         self.token_s: float | None = None
         self.block_size = block_size
 
-    def budget(self, decoding: bool, deep: bool = False) -> int:
-        """Prompt tokens the next step may carry. At least a block, so that new prompts arriving
-        together start together; down to one token while a prompt is ``deep`` (``DEEP_PREFIX``
-        tokens in), where each token attends to all before it and costs several times what it
-        did at the start (a floor of a block made such steps 6x a decode step)."""
+    def budget(self, decoding: bool, long: bool = False) -> int:
+        """Prompt tokens the next step may carry. At least a block, so that short prompts arriving
+        together start together; down to ``MIN_CHUNK`` tokens while a ``long`` prompt
+        (``LONG_PROMPT`` tokens or more) prefills, whose late tokens attend to all before them
+        (a block of them made a step 3-6x a decode step)."""
         if not decoding:
             return MAX_PREFILL
         if self.decode_s is None or self.token_s is None:
             return FIRST_CHUNK
-        floor = 1 if deep else self.block_size
+        floor = MIN_CHUNK if long else self.block_size
         return max(floor, min(MAX_PREFILL, int(ITL_SLACK * self.decode_s / self.token_s)))
 
     def record(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
@@ -134,8 +135,8 @@ class LLMEngine:
         ended on EOS). A finished sequence has left the engine by the time this returns."""
         running = self.scheduler.running
         decoding = any(s.num_tokens - s.num_computed == 1 for s in running)
-        deep = any(s.num_tokens - s.num_computed > 1 and s.num_computed >= DEEP_PREFIX for s in running)
-        scheduled = self.scheduler.schedule(self.timer.budget(decoding, deep))
+        long = any(s.num_tokens - s.num_computed > 1 and s.num_tokens >= LONG_PROMPT for s in running)
+        scheduled = self.scheduler.schedule(self.timer.budget(decoding, long))
         if not scheduled:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size
                 raise RuntimeError("the scheduler could not place a waiting request in an empty cache")
