@@ -232,6 +232,33 @@ def test_decode_kernel_takes_a_chunks_rows_together(attention, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 300])
+def test_decode_kernel_shares_a_cached_prefix_between_rows(attention, window):
+    """Streams that share a system prompt's blocks (more of them than a group holds), each with
+    blocks of its own after it, and one unrelated row: each row's result is bit for bit what it
+    is alone, and what gathering and SDPA give."""
+    torch.manual_seed(5)
+    bs, kv_heads, dim = 16, 3, 64
+    k = torch.randn(120, bs, kv_heads, dim) * 2
+    v = torch.randn(120, bs, kv_heads, dim)
+    order = torch.randperm(120)
+    shared, streams = order[:36].tolist(), 20  # 576 keys: two whole parts of 256 and part of a third
+    own = order[36:].tolist()
+    tables = [shared + own[2 * i:2 * i + 2] for i in range(streams)] + [own[50:88]]
+    lens = [576 + 3 + i % 20 for i in range(streams)] + [600]
+    width = max(len(t) for t in tables)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    lens = torch.tensor(lens)
+    index = torch.arange(9) // 3
+    q = torch.randn(len(lens), 9, dim)
+    got = attention._paged_decode_op(q, k, v, tables, lens, index, dim ** -0.5, window)
+    for r in range(len(lens)):
+        alone = attention._paged_decode_op(q[r:r + 1], k, v, tables[r:r + 1], lens[r:r + 1], index, dim ** -0.5, window)
+        assert torch.equal(got[r:r + 1], alone), r
+    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, window, monkeypatch):
     """A decode row, then two short chunks over cached prefixes (kernel rows), then a long one (SDPA)."""

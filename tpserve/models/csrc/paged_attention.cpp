@@ -2,9 +2,10 @@
 //
 // Each decode row's query attends to the keys its block table names, without first copying
 // them into a per-row buffer: rows that share a long prompt's blocks read the same memory.
-// One task per (group of rows, KV head, part of at most PART keys), for all the query heads that
-// KV head serves, so its keys and values are read once per group (a decode row is a group of one;
-// a prompt chunk's rows, one per token, are one group); softmax in float32 (see attend_part).
+// One task per (part of at most PART keys, KV head), for all the query heads that KV head serves
+// in every row that reads that part: its keys and values are read once for all of them (a prompt
+// chunk's rows, one per token; streams sharing a cached system prompt's blocks); softmax in
+// float32 (see attend_part).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -13,6 +14,8 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "fast_exp.h"
@@ -174,12 +177,17 @@ void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const in
 }
 #endif
 
-// Rows that follow one another with the same block table (a prompt chunk, a row per token) are
-// one group: each part of their keys is read once for all of them. At most this many rows a group.
+// Rows whose block tables name the same blocks for a part's keys (a prompt chunk's rows, one per
+// token; streams that share a cached system prompt) read that part together: its keys once for all
+// their queries. At most this many rows a group.
 constexpr int64_t GROUP_ROWS = 16;
 
+// One part of keys, [first, last), with the rows reading it and their first query's place in
+// acc / most / total for each KV head (`slot`, -1 where the head serves no query head).
 struct Part {
-  int64_t group, kv_head, first, last, slot;  // slot: its first query's place in acc / most / total
+  int64_t first, last;
+  std::vector<int64_t> rows;
+  std::vector<int64_t> slot;
 };
 
 template <typename T>
@@ -224,82 +232,98 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     key_hi[r] = std::min(lp[r], max_blocks * block);
     key_lo[r] = window > 0 ? std::max<int64_t>(0, key_hi[r] - window) : 0;
   }
-  std::vector<int64_t> starts;  // first row of each group, then `rows`
-  for (int64_t r = 0; r < rows; ++r)
-    if (starts.empty() || r - starts.back() >= GROUP_ROWS ||
-        !std::equal(tp + r * max_blocks, tp + (r + 1) * max_blocks, tp + (r - 1) * max_blocks))
-      starts.push_back(r);
-  const int64_t groups = static_cast<int64_t>(starts.size());
-  starts.push_back(rows);
-
-  // every (group, KV head)'s keys, in parts; `begins[t]`: the first part of task t = group * kv_heads + kv_head
+  // Parts begin at multiples of PART, so a row's parts are the same in any group and batch. Rows
+  // share a part when their tables name the same blocks over its whole span (padding included):
+  // the same memory, each query then masked to its own keys. `mine[r]`: (part, place in its rows).
   std::vector<Part> parts;
-  std::vector<int64_t> begins(groups * kv_heads + 1);
-  int64_t slots = 0;
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    const int64_t r0 = starts[gi], r1 = starts[gi + 1];
-    int64_t first = key_lo[r0], last = key_hi[r0];
-    for (int64_t r = r0; r < r1; ++r) first = std::min(first, key_lo[r]), last = std::max(last, key_hi[r]);
-    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      begins[gi * kv_heads + kvh] = static_cast<int64_t>(parts.size());
-      const int64_t nq = (r1 - r0) * static_cast<int64_t>(served[kvh].size());
-      if (nq == 0) continue;
-      // parts begin at multiples of PART, so a row's parts are the same in any group and batch
-      for (int64_t p = first / PART * PART; p < last; p += PART) {
-        parts.push_back({gi, kvh, std::max(p, first), std::min(last, p + PART), slots});
-        slots += nq;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> mine(rows);
+  std::unordered_map<uint64_t, int64_t> open;  // a part's span hash -> the part that rows may join
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t p0 = key_lo[r] / PART * PART; p0 < key_hi[r]; p0 += PART) {
+      const int64_t b0 = p0 / block, b1 = std::min(max_blocks, (p0 + PART + block - 1) / block);
+      const int64_t* span = tp + r * max_blocks;
+      uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(p0);
+      for (int64_t b = b0; b < b1; ++b) h = (h ^ static_cast<uint64_t>(span[b])) * 1099511628211ull;
+      auto it = open.find(h);
+      int64_t at = -1;
+      if (it != open.end()) {
+        const Part& cand = parts[it->second];
+        const int64_t* other = tp + cand.rows[0] * max_blocks;
+        if (static_cast<int64_t>(cand.rows.size()) < GROUP_ROWS && cand.first / PART * PART == p0 / PART * PART &&
+            std::equal(span + b0, span + b1, other + b0))
+          at = it->second;
       }
+      const int64_t first = std::max(p0, key_lo[r]), last = std::min(key_hi[r], p0 + PART);
+      if (at < 0) {
+        at = static_cast<int64_t>(parts.size());
+        parts.push_back({first, last, {}, {}});
+        open[h] = at;
+      }
+      Part& pt = parts[at];
+      pt.first = std::min(pt.first, first), pt.last = std::max(pt.last, last);
+      mine[r].push_back({at, static_cast<int64_t>(pt.rows.size())});
+      pt.rows.push_back(r);
     }
   }
-  begins[groups * kv_heads] = static_cast<int64_t>(parts.size());
-  const int64_t np = static_cast<int64_t>(parts.size());
+  // one task per (part, KV head): `tasks[i]` = part * kv_heads + head
+  std::vector<int64_t> tasks;
+  int64_t slots = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(parts.size()); ++i) {
+    parts[i].slot.assign(kv_heads, -1);
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      const int64_t nq = static_cast<int64_t>(parts[i].rows.size() * served[kvh].size());
+      if (nq == 0) continue;
+      parts[i].slot[kvh] = slots;
+      slots += nq;
+      tasks.push_back(i * kv_heads + kvh);
+    }
+  }
+  const int64_t nt = static_cast<int64_t>(tasks.size());
   std::vector<float> acc(slots * dim), most(slots), total(slots);
 
-  // parts taken one at a time as threads come free: a long row's parts sit together at its place
-  // in the list, and an even static split would hand them all to one thread
-#pragma omp parallel num_threads(at::get_num_threads()) if (np > 1)
+  // tasks taken one at a time as threads come free: a long row's parts sit together in the list,
+  // and an even static split would hand them all to one thread
+#pragma omp parallel num_threads(at::get_num_threads()) if (nt > 1)
   {
     std::vector<float> qf, score;
     std::vector<int64_t> where, lo, hi;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < np; ++i) {
-      const Part& pt = parts[i];
-      const std::vector<int64_t>& group = served[pt.kv_head];
-      const int64_t g = static_cast<int64_t>(group.size()), r0 = starts[pt.group], r1 = starts[pt.group + 1];
-      const int64_t nq = (r1 - r0) * g;
+    for (int64_t i = 0; i < nt; ++i) {
+      const Part& pt = parts[tasks[i] / kv_heads];
+      const int64_t kvh = tasks[i] % kv_heads;
+      const std::vector<int64_t>& group = served[kvh];
+      const int64_t g = static_cast<int64_t>(group.size()), nr = static_cast<int64_t>(pt.rows.size());
+      const int64_t nq = nr * g;
       qf.resize(nq * dim), lo.resize(nq), hi.resize(nq);
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t x = 0; x < nr; ++x) {
+        const int64_t r = pt.rows[x];
         for (int64_t j = 0; j < g; ++j) {
-          const int64_t at = (r - r0) * g + j;
+          const int64_t at = x * g + j;
           lo[at] = key_lo[r], hi[at] = key_hi[r];
           for (int64_t d = 0; d < dim; ++d)
             qf[at * dim + d] = static_cast<float>(qp[(r * heads + group[j]) * dim + d]) * static_cast<float>(scale);
         }
-      part_fn(qf.data(), nq, lo.data(), hi.data(), kp + pt.kv_head * dim, vp + pt.kv_head * dim,
-              tp + r0 * max_blocks, pt.first, pt.last, score, where, acc.data() + pt.slot * dim,
-              most.data() + pt.slot, total.data() + pt.slot);
+      }
+      const int64_t s = pt.slot[kvh];
+      part_fn(qf.data(), nq, lo.data(), hi.data(), kp + kvh * dim, vp + kvh * dim, tp + pt.rows[0] * max_blocks,
+              pt.first, pt.last, score, where, acc.data() + s * dim, most.data() + s, total.data() + s);
     }
   }
 
-  // each (row, KV head): its group's parts' sums rescaled to the largest maximum, in part order
-  std::vector<int64_t> group_of(rows);
-  for (int64_t gi = 0; gi < groups; ++gi)
-    for (int64_t r = starts[gi]; r < starts[gi + 1]; ++r) group_of[r] = gi;
+  // each (row, KV head): its parts' sums rescaled to the largest maximum, in part order
   at::parallel_for(0, rows * kv_heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / kv_heads, kvh = t % kv_heads, gi = group_of[r];
-      const int64_t p0 = begins[gi * kv_heads + kvh], p1 = begins[gi * kv_heads + kvh + 1];
+      const int64_t r = t / kv_heads, kvh = t % kv_heads;
       const std::vector<int64_t>& group = served[kvh];
       const int64_t g = static_cast<int64_t>(group.size());
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t at = (r - starts[gi]) * g + j;  // this query's place among its group's
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t i = p0; i < p1; ++i) top = std::max(top, most[parts[i].slot + at]);
+        for (const auto& [i, x] : mine[r]) top = std::max(top, most[parts[i].slot[kvh] + x * g + j]);
         std::fill(sum.begin(), sum.end(), 0.f);
         float z = 0.f;
-        for (int64_t i = p0; i < p1; ++i) {
-          const int64_t k = parts[i].slot + at;
+        for (const auto& [i, x] : mine[r]) {
+          const int64_t k = parts[i].slot[kvh] + x * g + j;
           if (total[k] == 0.f) continue;  // it saw none of this part's keys
           const float f = std::exp(most[k] - top);  // 1 for the part holding the maximum
           const float* a = acc.data() + k * dim;
