@@ -164,8 +164,9 @@ async def collect(gen: Generation, request: Request) -> None:
 
 def stream(gen: Generation, chunk: Callable[[Choice, Any], dict], include_usage: bool,
             head: list[dict]) -> StreamingResponse:
-    """Server-sent events: ``head`` chunks, one chunk per piece of text or finish, optionally a usage
-    chunk, then ``[DONE]``; an engine failure becomes an error event (then ``[DONE]``)."""
+    """Server-sent events: ``head`` chunks, one chunk per token (its text; "" while it completes no
+    character) or finish, optionally a usage chunk, then ``[DONE]``; an engine failure becomes an
+    error event (then ``[DONE]``)."""
 
     async def body() -> AsyncIterator[str]:
         for h in head:
