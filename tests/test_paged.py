@@ -270,7 +270,7 @@ def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, w
     long = attention.KERNEL_CHUNK + 1
     keys = long + 3  # over 3 cached ones
     positions = [6] + [9, 10] + [3] + list(range(keys - long, keys))
-    chunks = [(2, 11, [4, 8, 2]), (1, 4, [5]), (long, keys, [9, 1, 3, 6, 12, 14][:-(-keys // bs)])]
+    chunks = [(2, 11, [4, 8, 2]), (1, 4, [5]), (long, keys, [9, 1, 3, 6, 12, 14, 15, 16, 17, 18, 19][:-(-keys // bs)])]
 
     def run():
         step = attention.make_step(inv_freq, 1.0, torch.float32, positions, slots=list(range(len(positions))),

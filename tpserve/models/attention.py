@@ -128,7 +128,7 @@ def make_step(inv_freq: torch.Tensor, rope_scale: float, dtype: torch.dtype, pos
     return step
 
 
-KERNEL_CHUNK = 16  # prompt chunks up to this long attend through the decode kernel, a row per token
+KERNEL_CHUNK = 32  # prompt chunks up to this long attend through the decode kernel, a row per token
 
 
 def _short_chunks_as_rows(tables, chunks, device: torch.device, cached: bool) -> tuple[list, list]:
@@ -136,9 +136,10 @@ def _short_chunks_as_rows(tables, chunks, device: torch.device, cached: bool) ->
     (its table the chunk's blocks, its key count its position + 1). A chunk's SDPA first copies
     all its keys out of the blocks; the kernel reads them in place, once for all the chunk's rows
     (rows with one table are one group). 30 layers of 9 heads of 64, 2 threads, over 1,000 cached
-    keys: the kernel 1.6 / 4.1 / 7.4 / 14.1 / 27.9 ms at 1 / 4 / 8 / 16 / 32 tokens, SDPA 10.6 /
-    13.3 / 14.5 / 18.9 / 24.9 ms. So a long prompt admitted in small chunks, to keep running streams'
-    steps short, stays cheap per token. Kernel rows come first: chunks are taken while they follow
+    keys: the kernel 1.6 / 4.1 / 7.4 / 15.2 / 29.1 / 43.0 ms at 1 / 4 / 8 / 16 / 32 / 48 tokens,
+    SDPA 10.6 / 13.3 / 14.5 / 19.7 / 29.2 / 37.5 ms. So a long prompt admitted in small chunks, to
+    keep running streams' steps short, stays cheap per token, and its cost grows evenly with the
+    chunk (a chunk one token over the limit cost more than one at it, and the step timer misjudged it). Kernel rows come first: chunks are taken while they follow
     one another from the front."""
     if not (cached and chunks and device.type == "cpu" and _ext is not None and kernel_enabled()):
         return tables, list(chunks)
