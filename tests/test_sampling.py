@@ -91,8 +91,8 @@ def test_prompt_chunks_are_sized_by_measured_step_times():
     assert timer.budget(decoding=False) == MAX_PREFILL  # nobody is waiting for a token
     assert timer.budget(decoding=True) == FIRST_CHUNK  # nothing measured yet
     timer.record(decode_rows=16, prompt_tokens=0, seconds=0.050)
-    timer.record(decode_rows=16, prompt_tokens=100, seconds=0.250)  # 2 ms per prompt token
-    assert timer.budget(decoding=True) == int(ITL_SLACK * 0.050 / 0.002)
+    timer.record(decode_rows=16, prompt_tokens=100, seconds=0.150)  # 1 ms per prompt token
+    assert timer.budget(decoding=True) == int(ITL_SLACK * 0.050 / 0.001) > 16
     # late in a long prompt each token attends to more keys: a dearer token counts at once ...
     timer.record(decode_rows=16, prompt_tokens=5, seconds=0.075)  # 5 ms per prompt token
     assert timer.token_s == pytest.approx(0.005)

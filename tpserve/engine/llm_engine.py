@@ -20,7 +20,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
-ITL_SLACK = 0.7  # a step with prompt chunks may take this many decode steps' time more
+ITL_SLACK = 0.5  # a step with prompt chunks may take this many decode steps' time more
 FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
 MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
 LONG_PROMPT = 256  # a prompt this long may be chunked below a block while others decode
