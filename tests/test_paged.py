@@ -163,14 +163,17 @@ def test_max_num_seqs_bounds_the_running_set():
 
 # ---- the decode kernel ------------------------------------------------------------------
 
-@pytest.fixture()
-def attention():
-    """``tpserve.models.attention`` with its paged decode kernel built (else the test skips)."""
+@pytest.fixture(params=["native", "plain"])
+def attention(request):
+    """``tpserve.models.attention`` with its paged decode kernel built (else the test skips), as
+    this CPU runs it and with the plain loops that CPUs without AVX-512 run."""
     from tpserve.models import attention
 
     if attention.extension() is None:
         pytest.skip("the paged decode kernel could not be built here")
-    return attention
+    attention.extension().use_plain_loops(request.param == "plain")
+    yield attention
+    attention.extension().use_plain_loops(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

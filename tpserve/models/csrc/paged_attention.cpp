@@ -33,6 +33,30 @@ namespace {
 // what else is in the batch or on the thread count.
 constexpr int64_t PART = 256;
 
+// Each position's offset in the cache, found once (a division each).
+inline void locate(const int64_t* table, int64_t block, int64_t block_stride, int64_t token_stride, int64_t first,
+                   int64_t last, std::vector<int64_t>& where) {
+  where.resize(last - first);
+  for (int64_t p = first; p < last; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
+}
+
+// One query's scores over a part's `n` keys, of which it sees [a, b), to their exponentials less
+// the largest (`most`; their sum `total`), zeros where it sees none (-inf and 0 when none at all).
+inline void exp_scores(float* sj, int64_t n, int64_t a, int64_t b, float& most, float& total) {
+  float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  for (int64_t i = a; i < b; ++i) top = std::max(top, sj[i]);
+  for (int64_t i = 0; i < std::min(a, n); ++i) sj[i] = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = a; i < b; ++i) {
+    const float e = fast_exp(sj[i] - top);  // (std::exp would be a scalar call per score)
+    sj[i] = e;
+    sum += e;
+  }
+  for (int64_t i = std::max<int64_t>(b, 0); i < n; ++i) sj[i] = 0.f;
+  most = top;
+  total = sum;
+}
+
 // One part: the `nq` queries `qf` (float32 [nq, dim], already scaled) that read one KV head's keys
 // at positions [first, last) of one sequence (`kp`, `vp`: the cache at this KV head; a position's
 // token is at table[p / block] * block_stride + (p % block) * token_stride). Query j sees only the
@@ -48,8 +72,7 @@ void attend_part(const float* qf, int64_t nq, const int64_t* lo, const int64_t* 
                  int64_t last, int64_t dim_rt, std::vector<float>& score, std::vector<int64_t>& where, float* acc,
                  float* most, float* total) {
   const int64_t dim = D ? D : dim_rt, n = last - first;
-  where.resize(n);  // each position's offset in the cache, found once (a division each)
-  for (int64_t p = first; p < last; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
+  locate(table, block, block_stride, token_stride, first, last, where);
   score.resize(nq * n);
   float* sc = score.data();
   for (int64_t p = first; p < last; ++p) {
@@ -62,22 +85,9 @@ void attend_part(const float* qf, int64_t nq, const int64_t* lo, const int64_t* 
       sc[j * n + p - first] = s;
     }
   }
-  for (int64_t j = 0; j < nq; ++j) {
-    float* sj = sc + j * n;
-    const int64_t a = std::max<int64_t>(lo[j], first) - first, b = std::min<int64_t>(hi[j], last) - first;
-    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t i = a; i < b; ++i) top = std::max(top, sj[i]);
-    for (int64_t i = 0; i < std::min(a, n); ++i) sj[i] = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = a; i < b; ++i) {
-      const float e = fast_exp(sj[i] - top);  // (std::exp would be a scalar call per score)
-      sj[i] = e;
-      sum += e;
-    }
-    for (int64_t i = std::max<int64_t>(b, 0); i < n; ++i) sj[i] = 0.f;
-    most[j] = top;
-    total[j] = sum;
-  }
+  for (int64_t j = 0; j < nq; ++j)
+    exp_scores(sc + j * n, n, std::max<int64_t>(lo[j], first) - first, std::min<int64_t>(hi[j], last) - first,
+               most[j], total[j]);
   std::fill(acc, acc + nq * dim, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const T* v = vp + where[i];
@@ -122,8 +132,7 @@ void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const in
                         float* acc, float* most, float* total) {
   constexpr int V = D / 16;  // vectors per head
   const int64_t n = last - first, n16 = (n + 15) / 16 * 16;
-  where.resize(n);
-  for (int64_t p = first; p < last; ++p) where[p - first] = table[p / block] * block_stride + (p % block) * token_stride;
+  locate(table, block, block_stride, token_stride, first, last, where);
   score.resize(nq * n16);
   float* sc = score.data();
   for (int64_t t = 0; t < n; t += 16) {
@@ -142,22 +151,9 @@ void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const in
       _mm512_storeu_ps(sc + j * n16 + t, sum16(dots));
     }
   }
-  for (int64_t j = 0; j < nq; ++j) {
-    float* sj = sc + j * n16;
-    const int64_t a = std::max<int64_t>(lo[j], first) - first, b = std::min<int64_t>(hi[j], last) - first;
-    float top = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t i = a; i < b; ++i) top = std::max(top, sj[i]);
-    for (int64_t i = 0; i < std::min(a, n); ++i) sj[i] = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = a; i < b; ++i) {
-      const float e = fast_exp(sj[i] - top);
-      sj[i] = e;
-      sum += e;
-    }
-    for (int64_t i = std::max<int64_t>(b, 0); i < n; ++i) sj[i] = 0.f;
-    most[j] = top;
-    total[j] = sum;
-  }
+  for (int64_t j = 0; j < nq; ++j)
+    exp_scores(sc + j * n16, n, std::max<int64_t>(lo[j], first) - first, std::min<int64_t>(hi[j], last) - first,
+               most[j], total[j]);
   for (int64_t j0 = 0; j0 < nq; j0 += 4) {
     const int64_t qs = std::min<int64_t>(4, nq - j0);
     __m512 out[4][V];
@@ -176,6 +172,9 @@ void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const in
   }
 }
 #endif
+
+// Tests set this to run the plain loops that CPUs without AVX-512 run.
+bool plain_loops = false;
 
 // Rows whose block tables name the same blocks for a part's keys (a prompt chunk's rows, one per
 // token; streams that share a cached system prompt) read that part together: its keys once for all
@@ -213,10 +212,10 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
                      std::vector<int64_t>& where, float* acc, float* most, float* total) {
 #if defined(__AVX512F__)
     if constexpr (!std::is_same_v<T, double>) {
-      if (dim == 64)
+      if (!plain_loops && dim == 64)
         return attend_part_avx512<T, 64>(qf, nq, lo, hi, k, v, table, block, block_stride, token_stride, first, last,
                                          score, where, acc, most, total);
-      if (dim == 128)
+      if (!plain_loops && dim == 128)
         return attend_part_avx512<T, 128>(qf, nq, lo, hi, k, v, table, block, block_stride, token_stride, first,
                                           last, score, where, acc, most, total);
     }
@@ -364,4 +363,5 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, py::call_guard<py::gil_scoped_release>(), "decode attention over a paged KV cache");
+  m.def("use_plain_loops", [](bool on) { plain_loops = on; }, "run the loops CPUs without AVX-512 run (for tests)");
 }
