@@ -212,6 +212,18 @@ def test_decode_kernel_splits_long_rows_into_parts(attention, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _rows_as_alone_and_as_sdpa(attention, q, k, v, tables, lens, index, window) -> None:
+    """The kernel's rows, read in groups where their tables allow: each bit for bit what it is
+    alone, and all of them what gathering and SDPA give."""
+    scale = q.shape[-1] ** -0.5
+    got = attention._paged_decode_op(q, k, v, tables, lens, index, scale, window)
+    for r in range(len(lens)):
+        alone = attention._paged_decode_op(q[r:r + 1], k, v, tables[r:r + 1], lens[r:r + 1], index, scale, window)
+        assert torch.equal(got[r:r + 1], alone), r
+    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [0, 300])
 def test_decode_kernel_takes_a_chunks_rows_together(attention, window):
     """A prompt chunk's rows (one table, one more key each) read each part of their keys once,
@@ -227,12 +239,7 @@ def test_decode_kernel_takes_a_chunks_rows_together(attention, window):
     lens = torch.tensor([300] + list(range(500, 500 + chunk)) + [257])  # the chunk's keys cross a part's end
     index = torch.arange(9) // 3
     q = torch.randn(len(lens), 9, dim)
-    got = attention._paged_decode_op(q, k, v, tables, lens, index, dim ** -0.5, window)
-    for r in range(len(lens)):
-        alone = attention._paged_decode_op(q[r:r + 1], k, v, tables[r:r + 1], lens[r:r + 1], index, dim ** -0.5, window)
-        assert torch.equal(got[r:r + 1], alone), r
-    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _rows_as_alone_and_as_sdpa(attention, q, k, v, tables, lens, index, window)
 
 
 @pytest.mark.parametrize("window", [0, 300])
@@ -254,12 +261,7 @@ def test_decode_kernel_shares_a_cached_prefix_between_rows(attention, window):
     lens = torch.tensor(lens)
     index = torch.arange(9) // 3
     q = torch.randn(len(lens), 9, dim)
-    got = attention._paged_decode_op(q, k, v, tables, lens, index, dim ** -0.5, window)
-    for r in range(len(lens)):
-        alone = attention._paged_decode_op(q[r:r + 1], k, v, tables[r:r + 1], lens[r:r + 1], index, dim ** -0.5, window)
-        assert torch.equal(got[r:r + 1], alone), r
-    want = attention.decode_gathered(q, k, v, tables, lens, index, True, window)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _rows_as_alone_and_as_sdpa(attention, q, k, v, tables, lens, index, window)
 
 
 @pytest.mark.parametrize("window", [0, 5])
