@@ -248,7 +248,7 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       if (it != open.end()) {
         const Part& cand = parts[it->second];
         const int64_t* other = tp + cand.rows[0] * max_blocks;
-        if (static_cast<int64_t>(cand.rows.size()) < GROUP_ROWS && cand.first / PART * PART == p0 / PART * PART &&
+        if (static_cast<int64_t>(cand.rows.size()) < GROUP_ROWS && cand.first / PART * PART == p0 &&
             std::equal(span + b0, span + b1, other + b0))
           at = it->second;
       }
