@@ -31,3 +31,13 @@ def test_inspect_shows_size_and_sharding():
     bad = subprocess.run([sys.executable, "-m", "tpserve", "inspect", str(default_model_path()), "--tp", "10"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "--tp 10 is larger than the model's 9 attention heads" in bad.stderr
+
+
+def test_inspect_counts_a_4bit_checkpoints_weights_not_its_bytes():
+    """Two 4-bit weights a byte, and the groups' scales and mins are not weights of their own."""
+    from tpserve.checkpoint.default_model import default_model_path
+
+    out = subprocess.run([sys.executable, "-m", "tpserve", "inspect", str(default_model_path(keep_q4=True))],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "134,515,008" in out.stdout and "quantization:  q4" in out.stdout

@@ -227,6 +227,7 @@ def _inspect(args) -> None:
     from tpserve.models.layout import layout
     from tpserve.models.llama import Spec
     from tpserve.parallel import head_ranges
+    from tpserve.parallel.quantize import parameter_count
 
     path = resolve_model_path(args.path)
     config = load_config(path)
@@ -238,7 +239,7 @@ def _inspect(args) -> None:
         saved_tp = f" (tpserve checkpoint cut for TP={manifest.tp})"
     else:
         tensors = {name: (tuple(r.shape), r.dtype) for name, r in open_checkpoint(path).items()}
-    total = sum(math.prod(shape) for shape, _ in tensors.values())
+    total = parameter_count({name: tuple(shape) for name, (shape, _) in tensors.items()})
     nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in tensors.values())
     dtypes = sorted({str(dtype).removeprefix("torch.") for _, dtype in tensors.values()})
     print(f"path:          {path}{saved_tp}")

@@ -4,6 +4,8 @@ them); and an input embedding (with the head tied to it) in int8 groups of 32 (G
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,6 +66,19 @@ def checkpoint_quantization(config) -> str | None:
     raise ValueError(f"quantization_config.quant_method={method!r} is not supported (tpserve reads "
                      f"{', '.join(repr(c['quant_method']) for c in CONFIGS.values())} checkpoints, which it writes itself)")
 
+
+
+def parameter_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """How many weights a checkpoint's tensors (name -> shape) hold, as the model counts them: a
+    quantized weight's ``weight_scale`` / ``weight_min`` are not weights of their own, and a 4-bit
+    weight (the one with a ``weight_min``) packs two values a byte."""
+    total = 0
+    for name, shape in shapes.items():
+        if name.endswith((".weight_scale", ".weight_min")):
+            continue
+        n = math.prod(shape)
+        total += 2 * n if name.endswith(".weight") and name + "_min" in shapes else n
+    return total
 
 def _linears(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
