@@ -104,3 +104,39 @@ def test_prompt_chunks_are_sized_by_measured_step_times():
     assert 0.010 < timer.token_s < 0.100
     timer.record(decode_rows=16, prompt_tokens=0, seconds=30.0)  # a compile: the estimate moves, but not to 30 s
     assert timer.decode_s < 0.2
+
+
+def test_only_a_long_prompt_in_mid_prefill_takes_chunks_below_a_block():
+    """The engine's side of the rule above: which prompts count as long, and when."""
+    from tpserve.engine.llm_engine import LONG_PROMPT, MIN_CHUNK, LLMEngine
+
+    chunk_sizes: list[list[int]] = []
+
+    def run(cmd):  # a model that answers token 7 to everything, and records each step's prompt chunks
+        batch = cmd[1]
+        chunk_sizes.append([n for n, _, _ in batch["chunks"]])
+        return torch.full((len(batch["logit_rows"]),), 7), None
+
+    engine = LLMEngine(run, num_blocks=256, block_size=16, max_num_seqs=8, prefix_caching=False)
+    engine.timer.record = lambda *args: None  # times fixed so that any chunk costs more than the slack:
+    engine.timer.decode_s = engine.timer.token_s = 0.01  # every budget is its floor
+    greedy = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0)
+    engine.add([1, 2, 3], greedy)
+    engine.step()  # its prompt: from now on a stream is decoding
+
+    def prefill(prompt_len: int, keep: bool = False) -> list[int]:
+        chunk_sizes.clear()
+        seq = engine.add(list(range(10, 10 + prompt_len)), greedy)
+        while seq.num_computed < prompt_len:
+            engine.step()
+        if not keep:
+            engine.abort(seq)
+        return [sizes[0] for sizes in chunk_sizes]
+
+    short = prefill(LONG_PROMPT - 1)
+    assert short[:-1] == [16] * (len(short) - 1)  # a block a step, and the rest
+    long = prefill(LONG_PROMPT + 36, keep=True)
+    # its first chunk comes from the waiting queue at a block; then, mid-prefill, the kernels' tile
+    assert long[0] == 16 and set(long[1:-1]) == {MIN_CHUNK} and sum(long) == LONG_PROMPT + 36
+    engine.step()  # the long one decodes now: a short prompt goes a block a step again
+    assert prefill(LONG_PROMPT - 1) == short
