@@ -291,6 +291,28 @@ def test_short_prompt_chunks_attend_through_the_kernel_as_sdpa_does(attention, w
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_chunk_without_a_block_table_reads_its_keys_back_from_the_cache(attention):
+    """A step built without block tables (a script's own prefill), whose rope already wrote K/V
+    into the cache (``fused.rope_store``: attend gets k and v None): the chunk reads them back at
+    its slots, and attends as it would to k and v handed over directly."""
+    torch.manual_seed(3)
+    bs, kv_heads, dim, heads, length = 4, 3, 16, 9, 7
+    k_cache, v_cache = torch.randn(6, bs, kv_heads, dim), torch.randn(6, bs, kv_heads, dim)
+    slots = [21, 22, 23, 8, 9, 10, 11]  # blocks 5 and 2, out of order: only the slots say where
+    k, v = torch.randn(length, kv_heads, dim), torch.randn(length, kv_heads, dim)
+    k_cache.view(-1, kv_heads, dim)[slots] = k
+    v_cache.view(-1, kv_heads, dim)[slots] = v
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    step = attention.make_step(inv_freq, 1.0, torch.float32, list(range(length)), slots=slots,
+                               chunks=[(length, length, None)])
+    q, index = torch.randn(length, heads, dim), torch.arange(heads) // 3
+    got = attention.attend(q, None, None, step, (k_cache, v_cache), index, True)
+    want = attention.attend(q, k, v, attention.make_step(inv_freq, 1.0, torch.float32, list(range(length)),
+                                                         chunks=[(length, length, None)]), None, index, True)
+    torch.testing.assert_close(got, want)
+
+
 # ---- the engine against the loops it replaced -----------------------------------------------
 
 @pytest.fixture(scope="module")
