@@ -274,3 +274,24 @@ def test_q8_round_trip_prefill_and_an_int8_group_embedding():
         assert torch.equal(emb(ids), dense[ids].bfloat16())
         h = torch.randn(2, 64).bfloat16()
         torch.testing.assert_close(head(h), matvec.q8_linear(h, qweight, scale, float_out=True).float())
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (8, 1000), (3, 1), (2, 70)])
+def test_row_max_is_torch_max_with_its_ties_nans_and_infinities(rows, vocab):
+    """Greedy decoding's argmax: the first of equal maxima, a NaN as the maximum, all -inf at 0."""
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+    if vocab > 64:
+        x[0, 5] = x[0, 67] = x[0].max() + 1  # a tie across the kernel's 64-value blocks: the first
+        x[-1, :] = float("-inf")
+        if rows > 2:
+            x[2, vocab - 1] = x[2, 66] = float("nan")  # NaNs win, the first of them
+            x[2, 3] = float("inf")
+    want = x.max(-1)
+    # the kernel itself where it is built (row_max falls back to torch's max elsewhere)
+    for got in [matvec.row_max(x)] + ([matvec.extension().row_max(x)] if matvec.available() else []):
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0], equal_nan=True)
+        if vocab > 64:
+            assert got[1][0] == (0 if rows == 1 else 5) and got[1][-1] == 0
+    strided = x.t().contiguous().t()  # columns contiguous: torch's max
+    assert torch.equal(matvec.row_max(strided)[1], want[1])

@@ -368,7 +368,7 @@ def vocab_argmax(logits: torch.Tensor, start: int, group: dist.ProcessGroup | No
     """``argmax`` over the whole vocabulary of logits split by vocabulary (this rank's slice
     begins at id ``start``), on every rank: each rank's best value and id meet in one tiny
     gather instead of every logit. Ties go to the lowest id, as ``torch.argmax``'s do."""
-    best, idx = logits.detach().float().max(-1)  # the first of equal maxima
+    best, idx = matvec.row_max(logits.detach().float())  # the first of equal maxima
     mine = torch.stack([best.double(), (idx + start).double()], dim=-1)[None]  # ids are exact in float64
     world = comm.group_size(group)
     every = comm.all_gather(mine, dim=0, group=group, sizes=[1] * world)  # [world, ..., 2]

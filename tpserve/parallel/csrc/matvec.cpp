@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -643,6 +644,49 @@ at::Tensor q4_dequantize(const at::Tensor& qweight, const at::Tensor& scale, con
   return out;
 }
 
+// ---- each row's largest value and its index, for greedy decoding over the LM head's logits ------
+//
+// torch's argmax and max(dim) track an index per element and run about 8x slower than a plain
+// maximum (49,152 logits: ~110 us against ~15). Here one vectorised pass finds the maximum (and
+// whether there is a NaN), a second finds its first index, 64 values at a time. As torch's: the
+// first of equal maxima, and a NaN counts as the maximum (the first NaN wins).
+std::tuple<at::Tensor, at::Tensor> row_max(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "row_max: x must be a float32 CPU matrix with contiguous rows");
+  const int64_t M = x.size(0), V = x.size(1), ld = x.stride(0);
+  TORCH_CHECK(V > 0, "row_max: rows must not be empty");
+  auto best = at::empty({M}, x.options());
+  auto index = at::empty({M}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  float* bp = best.data_ptr<float>();
+  int64_t* ip = index.data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = xp + m * ld;
+      float top = -INFINITY;
+      int nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+      for (int64_t v = 0; v < V; ++v) {
+        top = r[v] > top ? r[v] : top;
+        nan |= r[v] != r[v];
+      }
+      int64_t at = 0;
+      for (int64_t b = 0; b < V; b += 64) {
+        const int64_t e = std::min(V, b + 64);
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t v = b; v < e; ++v) hit |= nan ? r[v] != r[v] : r[v] == top;
+        if (!hit) continue;
+        for (at = b; !(nan ? r[at] != r[at] : r[at] == top); ++at) {}
+        break;
+      }
+      bp[m] = r[at];
+      ip[m] = at;
+    }
+  });
+  return {best, index};
+}
+
 bool native_q4() {
 #if defined(TPSERVE_Q4_VECTORS)
   return true;
@@ -677,6 +721,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b with W in 4-bit groups of 32 (GGUF Q4_0 / Q4_1)");
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "y = x W^T + b with W int8 in groups of 32 (GGUF Q8_0)");
   m.def("q4_dequantize", &q4_dequantize, py::call_guard<py::gil_scoped_release>(), "the dense weight of 4-bit groups of 32");
+  m.def("row_max", &row_max, py::call_guard<py::gil_scoped_release>(), "each row's largest value and its first index (NaN first)");
   m.def("native_q4", &native_q4, "whether q4_linear uses AVX512-VNNI dot products");
   m.def("native_bf16", &native_bf16, "whether bf16_linear uses AVX512-BF16 dot products");
   m.def("bf16_path", &bf16_path, "how bf16_linear multiplies on this CPU");
