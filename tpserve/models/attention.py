@@ -85,6 +85,7 @@ class Step:
     chunks: list[Chunk] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None
     window: int = 0  # sliding window (0: none)
+    kernel: bool = False  # decode rows attend through the paged kernel (built, enabled, CPU): asked once a step
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,8 +107,9 @@ def make_step(inv_freq: torch.Tensor, rope_scale: float, dtype: torch.dtype, pos
     sin = (freqs.sin() * rope_scale).to(dtype)
     sin = torch.cat((-sin, sin), dim=-1)[:, None]
     window = window or 0
-    step = Step(cos, sin, None if slots is None else torch.tensor(slots, dtype=torch.long, device=device), window=window)
-    tables, chunks = _short_chunks_as_rows(tables, chunks, device, slots is not None)
+    step = Step(cos, sin, None if slots is None else torch.tensor(slots, dtype=torch.long, device=device), window=window,
+                kernel=device.type == "cpu" and _ext is not None and kernel_enabled())
+    tables, chunks = _short_chunks_as_rows(tables, chunks, step.kernel and slots is not None)
     if tables:
         width = max(2, max(len(t) for t in tables))  # at least 2: a compiled step would specialise on 1
         step.num_decode = len(tables)
@@ -131,7 +133,7 @@ def make_step(inv_freq: torch.Tensor, rope_scale: float, dtype: torch.dtype, pos
 KERNEL_CHUNK = 32  # prompt chunks up to this long attend through the decode kernel, a row per token
 
 
-def _short_chunks_as_rows(tables, chunks, device: torch.device, cached: bool) -> tuple[list, list]:
+def _short_chunks_as_rows(tables, chunks, kernel: bool) -> tuple[list, list]:
     """Turn short prompt chunks whose keys are in the cache into decode-kernel rows, one per token
     (its table the chunk's blocks, its key count its position + 1). A chunk's SDPA first copies
     all its keys out of the blocks; the kernel reads them in place, once for all the chunk's rows
@@ -141,7 +143,7 @@ def _short_chunks_as_rows(tables, chunks, device: torch.device, cached: bool) ->
     keep running streams' steps short, stays cheap per token, and its cost grows evenly with the
     chunk (a chunk one token over the limit cost more than one at it, and the step timer misjudged it). Kernel rows come first: chunks are taken while they follow
     one another from the front."""
-    if not (cached and chunks and device.type == "cpu" and _ext is not None and kernel_enabled()):
+    if not (kernel and chunks):  # kernel: it runs here, and the keys are in the cache
         return tables, list(chunks)
     tables, chunks = list(tables or []), list(chunks)
     while chunks and chunks[0][2] is not None and chunks[0][0] <= KERNEL_CHUNK:
@@ -187,7 +189,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
     d = step.num_decode
     if d:
         qd = q[:d]
-        if _ext is not None and qd.device.type == "cpu" and kernel_enabled():
+        if step.kernel:
             # eager calls skip the custom op's dispatch (~15 us a layer); compiled code needs it
             op = _paged_decode_op if torch.compiler.is_compiling() else _ext.paged_decode
             outs.append(op(qd, k_cache, v_cache, step.tables, step.lens, kv_index, qd.shape[-1] ** -0.5, step.window))

@@ -124,7 +124,7 @@ def _raise_comm_error(op: str, group, what: str, elapsed: float, seconds: float,
 def _fast(group: dist.ProcessGroup, tensor: torch.Tensor, reduce: bool = False):
     """The group's shared-memory path when it can take ``tensor`` (the same answer on every rank)."""
     fast = _shm.of(group)
-    if fast is None or tensor.device.type != "cpu" or (reduce and not fast.takes(tensor)):
+    if fast is None or not tensor.is_cpu or (reduce and not fast.takes(tensor)):
         return None
     if fast.spans_hosts and not reduce:  # only all-reduce knows how to cross hosts; the rest use gloo
         return None

@@ -75,7 +75,7 @@ class ShmComm:
 
     def takes(self, tensor: torch.Tensor) -> bool:
         """Whether this tensor can go through shared memory (the same answer on every rank)."""
-        return tensor.device.type == "cpu" and tensor.dtype in _DTYPES
+        return tensor.is_cpu and tensor.dtype in _DTYPES
 
     def _call(self, fn, *args) -> None:
         if self.broken:
