@@ -250,3 +250,20 @@ def test_a_tp_degree_that_splits_4bit_groups_runs_dequantized():
     with pytest.raises(ValueError, match="not whole groups of 32"):  # asked for explicitly: an error, not a fallback
         with LLM(tensor_parallel_size=5, quantization="q4"):
             pass
+
+
+@needs_kernel
+def test_gguf_4bit_greedy_chat_answers_as_fp32_does():
+    """Decode runs the kernels, whose 4-bit layers quantize activations per group of 32 (as
+    llama.cpp does); the Q8_0 head multiplies float activations through a per-row int8 copy.
+    With the head's activations quantized too, the default model answered "L'Étoile, la
+    Marseillaise, ..." here, and llama.cpp on the same file does; the NLL test above cannot see
+    it, since a paragraph's prefill multiplies dequantized weights."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    with LLM(dtype="float32") as llm:  # the file's weights dequantized
+        assert "Paris" in llm.chat(question, params)[0].outputs[0].text
+    for tp in (1, 2):
+        with LLM(quantization="q4", tensor_parallel_size=tp) as llm:
+            assert llm.model.quantization == "q4" and llm.model.lm_head.int8_weight is not None
+            assert "Paris" in llm.chat(question, params)[0].outputs[0].text

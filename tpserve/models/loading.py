@@ -199,8 +199,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     load_weights(model, path, group, progress=progress)
     if quantization and not stored:
         (quantize_int8 if quantization == "int8" else quantize_q4)(model)
-    if (stored or quantization) == "int8":
-        quantize_head_int8(model)
+    quantize_head_int8(model, float_heads=(stored or quantization) == "int8")
     model.eval().requires_grad_(False)
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()

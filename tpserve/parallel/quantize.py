@@ -172,18 +172,30 @@ def quantize_int8(model: nn.Module) -> int:
     return count
 
 
-def quantize_head_int8(model: nn.Module) -> int:
-    """Give each float LM head an int8 copy (one scale per vocabulary row, over the whole row, so
-    the same at every TP degree) that its forward multiplies with; returns how many.
+def quantize_head_int8(model: nn.Module, float_heads: bool = True) -> int:
+    """Give LM heads an int8 copy (one scale per vocabulary row, over the whole row, so the same at
+    every TP degree) that their forward multiplies with, by ``int8_linear`` from float
+    activations; returns how many. ``float_heads``: float heads too (``quantization="int8"``);
+    heads in GGUF's Q8_0 groups (a GGUF embedding kept as the file holds it) always get one.
 
     At int8 the head is the largest weight a decoded token reads (a third of the default model's
-    bytes in bf16). The copy lives beside the float weight and is never saved: checkpoints keep
-    the head, or the embedding it is tied to, in the model's dtype, and loading makes it again."""
+    bytes in bf16). A Q8_0 head's own kernel quantizes the activations to int8 as llama.cpp does,
+    which on the default model turned the greedy answer to "What is the capital of France?" into
+    "L'Étoile, la Marseillaise, ..." where fp32 says Paris; from float activations it says Paris.
+    The copy lives beside the weight and is never saved: checkpoints keep the head, or the
+    embedding it is tied to, as it was, and loading makes the copy again."""
     count = 0
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, ParallelLMHead) and mod.weight_scale is None and mod.weight.is_floating_point():
-                q, scale = matvec.quantize_rows(mod.weight)
-                mod.int8_weight, mod.int8_scale = q.contiguous(), scale
-                count += 1
+            if not isinstance(mod, ParallelLMHead):
+                continue
+            if mod.weight_scale is not None and mod.weight_scale.dim() == 2:  # Q8_0 groups
+                weight = matvec.dequantize_q8(mod.weight, mod.weight_scale)
+            elif float_heads and mod.weight_scale is None and mod.weight.is_floating_point():
+                weight = mod.weight
+            else:
+                continue
+            q, scale = matvec.quantize_rows(weight)
+            mod.int8_weight, mod.int8_scale = q.contiguous(), scale
+            count += 1
     return count
