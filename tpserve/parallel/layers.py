@@ -443,7 +443,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if (embedding.vocab_start, embedding.vocab_end, embedding.embedding_dim) != (self.vocab_start, self.vocab_end, self.embedding_dim):
             raise ValueError("cannot tie: the embedding and the LM head are split differently")
         self.weight = embedding.weight
-        if embedding.weight_scale is not None:  # int8 groups: the head multiplies with them as they are
+        if embedding.weight_scale is not None:  # int8 groups (loading gives the head a per-row int8 copy to multiply with)
             self.weight_scale = embedding.weight_scale
 
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
