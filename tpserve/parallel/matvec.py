@@ -165,7 +165,6 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _out(_ext.bf16_linear(_rows(x), weight, bias, float_out), x)
 
 
-
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.max(-1)`` of float32 logits [rows, vocab]: each row's largest value and its first
     index (a NaN first). Greedy decoding takes one per generated token, and torch's index-tracking
@@ -175,6 +174,7 @@ def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             and not torch.compiler.is_compiling()):
         return _ext.row_max(x)
     return x.max(-1)
+
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:

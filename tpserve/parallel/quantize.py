@@ -67,7 +67,6 @@ def checkpoint_quantization(config) -> str | None:
                      f"{', '.join(repr(c['quant_method']) for c in CONFIGS.values())} checkpoints, which it writes itself)")
 
 
-
 def parameter_count(shapes: dict[str, tuple[int, ...]]) -> int:
     """How many weights a checkpoint's tensors (name -> shape) hold, as the model counts them: a
     quantized weight's ``weight_scale`` / ``weight_min`` are not weights of their own, and a 4-bit
@@ -79,6 +78,7 @@ def parameter_count(shapes: dict[str, tuple[int, ...]]) -> int:
         n = math.prod(shape)
         total += 2 * n if name.endswith(".weight") and name + "_min" in shapes else n
     return total
+
 
 def _linears(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
