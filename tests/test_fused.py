@@ -70,6 +70,21 @@ def test_add_rms_norm(dtype, rows):
     torch.testing.assert_close(normed, _torch_norm(x + h, w, 1e-5), **tol)
 
 
+def test_bf16_sums_round_as_torch_does_bit_for_bit_with_ties_overflow_and_nan():
+    """The kernels round float32 to bf16 by its bits (to vectorise); ties go to even, a sum
+    past bf16's largest value becomes inf, and NaN stays NaN, as in torch's conversion."""
+    big = torch.finfo(torch.bfloat16).max
+    x = torch.tensor([1.0, 1.0, 3.0, big, -big, float("nan"), float("inf"), 1.0, 256.0, 0.0] * 8, dtype=torch.bfloat16)
+    # 1 + 2^-8 and 1 + 3 * 2^-8 are ties between bf16 neighbours; 3 + 2^-7 rounds down to even
+    h = torch.tensor([2**-8, 3 * 2**-8, 2**-7, big, -big, 1.0, 1.0, -1.0, 1.0, -0.0] * 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        total, _ = fused.add_rms_norm(x[None], h[None], torch.ones(80, dtype=torch.bfloat16), 1e-5)
+    want = x + h
+    assert torch.equal(total[0].isnan(), want.isnan())  # (torch's own NaN bits differ by code path)
+    keep = ~want.isnan()
+    assert torch.equal(total[0][keep].view(torch.int16), want[keep].view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width", [(1, 1536), (5, 40), (16, 33)])
 def test_silu_mul(dtype, rows, width):

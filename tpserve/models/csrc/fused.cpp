@@ -17,6 +17,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "bf16_bits.h"
 #include "fast_exp.h"
 
 namespace {
@@ -25,12 +26,12 @@ template <typename T>
 void rms_row(const T* x, const T* w, T* o, int64_t dim, double eps) {
   float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-  for (int64_t d = 0; d < dim; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+  for (int64_t d = 0; d < dim; ++d) sq += to_f(x[d]) * to_f(x[d]);
   const float inv = 1.f / std::sqrt(sq / static_cast<float>(dim) + static_cast<float>(eps));
 #pragma omp simd
   for (int64_t d = 0; d < dim; ++d) {
-    const T normed = static_cast<T>(static_cast<float>(x[d]) * inv);  // rounded, as transformers does
-    o[d] = static_cast<T>(static_cast<float>(w[d]) * static_cast<float>(normed));
+    const T normed = from_f<T>(to_f(x[d]) * inv);  // rounded, as transformers does
+    o[d] = from_f<T>(to_f(w[d]) * to_f(normed));
   }
 }
 
@@ -40,24 +41,23 @@ void rope_row(const T* x, const T* c, const T* s, T* o, int64_t dim) {
 #pragma omp simd
   for (int64_t d = 0; d < dim; ++d) {
     const int64_t other = d < half ? d + half : d - half;
-    o[d] = static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(c[d]) +
-                          static_cast<float>(x[other]) * static_cast<float>(s[d]));
+    o[d] = from_f<T>(to_f(x[d]) * to_f(c[d]) + to_f(x[other]) * to_f(s[d]));
   }
 }
 
 template <typename T>
 void add_row(const T* x, const T* h, T* out, int64_t dim) {
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<T>(static_cast<float>(x[d]) + static_cast<float>(h[d]));
+  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(to_f(x[d]) + to_f(h[d]));
 }
 
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t width) {
 #pragma omp simd
   for (int64_t d = 0; d < width; ++d) {
-    const float g = static_cast<float>(gate[d]);
-    const T s = static_cast<T>(g / (1.f + fast_exp(-g)));  // rounded, as torch's silu
-    out[d] = static_cast<T>(static_cast<float>(s) * static_cast<float>(up[d]));
+    const float g = to_f(gate[d]);
+    const T s = from_f<T>(g / (1.f + fast_exp(-g)));  // rounded, as torch's silu
+    out[d] = from_f<T>(to_f(s) * to_f(up[d]));
   }
 }
 
