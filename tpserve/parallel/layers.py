@@ -449,9 +449,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x: torch.Tensor, gather_output: bool | str | None = None) -> torch.Tensor | None:
         x = copy_to_tp_region(x, self.group)
         # a Q8_0 head keeps its own kernel past the int8 kernel's rows (the int8 copy would be
-        # dequantized every step there: 24 decode rows of the default model ran 0.6x as fast)
-        if self.int8_weight is not None and (self.weight_scale is None
-                                             or x.numel() <= matvec.INT8_KERNEL_ROWS * x.shape[-1]):
+        # dequantized every step there)
+        if self.int8_weight is not None and (self.weight_scale is None or matvec.int8_kernel_takes(x)):
             logits = linear(x, self.int8_weight, self.bias, self.int8_scale, float_out=True).float()
         else:
             logits = linear(x, self.weight, self.bias, self.weight_scale, float_out=True).float()

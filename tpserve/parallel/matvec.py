@@ -26,7 +26,12 @@ BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.
 # 16 [1536, 576] / [576, 1536] products: F.linear 13 / 70 / 263 ms at 16 / 128 / 512 rows); the
 # widening kernel took 4.7 / 28 / 136 ms, float32 copies of the weights 11 / 33 / 71 ms.
 BF16_WIDE_ROWS = 128
-INT8_KERNEL_ROWS = 16  # beyond, one dequantized copy and oneDNN
+# int8 beyond these rows: one dequantized copy and the dense product (prefill). The kernel is
+# compute-bound there but dequantizing costs more: 2 threads, Xeon with AVX512-VNNI only, the
+# kernel against dequantize + F.linear at 16 / 64 / 128 rows, float32 x: [5632, 1024] 1.3 / 5.7 /
+# 11.7 ms against 5.8 / 8.4 / 23 ms; [1536, 576] 0.25 / 1.0 / 2.1 against 3.0 / 1.2 / 1.6; the
+# default model's head [49152, 576] 7.1 / 27 / 57 against 97 / 113 / 126 (bf16 x: wider gaps)
+INT8_KERNEL_ROWS = 64
 # beyond, one dequantized copy and the dense product (prefill); 30 [1536, 576] products on an AMD
 # EPYC (Zen 4): the kernel 1.3 / 2.9 / 5.9 / 12.0 ms at 2 / 4 / 8 / 16 rows, dequantizing 24-142 ms
 Q4_KERNEL_ROWS = 32
@@ -176,16 +181,24 @@ def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.max(-1)
 
 
+def int8_kernel_takes(x: torch.Tensor) -> bool:
+    """Whether :func:`int8_linear` multiplies ``x`` through the kernel (CPU, a few rows): the one
+    place that says so, for callers that choose between an int8 weight and another form."""
+    return x.is_cpu and 0 < x.numel() <= INT8_KERNEL_ROWS * x.shape[-1] and available()
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
     """``x (weight * scale[:, None])^T + bias`` for an int8 ``weight`` with one scale per row
     (``float_out``: in float32 where the kernel runs, else in x's dtype)."""
-    k = x.shape[-1]
-    few = 0 < x.numel() <= INT8_KERNEL_ROWS * k
-    if x.is_cpu and few and available():
+    if int8_kernel_takes(x):
         op = _int8_linear_op if torch.compiler.is_compiling() else _ext.int8_linear
         return _out(op(_rows(x), weight, scale, bias, float_out), x)
-    if x.is_cpu and few and x.dtype in (torch.float32, torch.bfloat16):
+    # torch's own kernel is fast with bf16 x, and with float32 x only at one row (a scalar loop:
+    # [5632, 1024] at 1 / 16 rows 3.9 / 49 ms, against 16 / 5.4 ms dequantized)
+    k = x.shape[-1]
+    if x.is_cpu and (x.dtype is torch.bfloat16 and 0 < x.numel() <= INT8_KERNEL_ROWS * k
+                     or x.dtype is torch.float32 and 0 < x.numel() <= k):
         y = _out(torch.ops.aten._weight_int8pack_mm(_rows(x), weight, scale.to(x.dtype)), x)
         return y if bias is None else y + bias
     # many rows (prefill) or another device: one dequantized copy, then the dense product

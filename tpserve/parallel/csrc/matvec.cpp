@@ -283,7 +283,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const int8_t* wp = w.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
-  auto store = [&](int64_t m, int64_t n, float v) { op[m * N + n] = bp ? v * sp[n] + bp[n] : v * sp[n]; };
+  // one fused multiply-add, spelled out: the compiler may contract `v * s + b` in one tile size and
+  // not another, and a row's result would then depend on how many rows came with it
+  auto store = [&](int64_t m, int64_t n, float v) { op[m * N + n] = bp ? std::fma(v, sp[n], bp[n]) : v * sp[n]; };
   over_rows(N, [&](int64_t n0, int64_t n1) {
     sweep(M, n0, n1, [&](auto A, auto R, int64_t m, int64_t n) {
       int8_tile<decltype(A)::value, decltype(R)::value>(xp, K, wp, K, m, n, store);
