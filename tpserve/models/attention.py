@@ -177,11 +177,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
            cache: tuple[torch.Tensor, torch.Tensor] | None, kv_index: torch.Tensor, uniform: bool) -> torch.Tensor:
     """Attention for the flattened q [N, H, D], k/v [N, Hkv, D]; writes the new K/V to the cache
     first (k and v None: they are in the cache already, ``fused.rope_store`` put them there)."""
-    if k is None and step.kernel and not step.chunks and cache is not None:
-        # an eager decode step's common case, every row a decode row, without the general path's
-        # Python (a few us a layer); compiled code calls the custom op
-        op = _paged_decode_op if torch.compiler.is_compiling() else _ext.paged_decode
-        return op(q, cache[0], cache[1], step.tables, step.lens, kv_index, q.shape[-1] ** -0.5, step.window)
     if cache is not None:
         k_cache, v_cache = cache
         if k is not None:
