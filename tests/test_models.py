@@ -28,6 +28,8 @@ def _config(kind: str):
         return tf.MistralConfig(**common, num_attention_heads=6, num_key_value_heads=2, sliding_window=16)
     if kind == "qwen2_bias":
         return tf.Qwen2Config(**common, num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=False)
+    if kind == "llama_bias":  # every projection with a bias (attention_bias, mlp_bias)
+        return tf.LlamaConfig(**common, num_attention_heads=6, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
     if kind == "qwen3_qknorm":
         return tf.Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     raise KeyError(kind)
@@ -92,13 +94,87 @@ def test_parity_with_transformers(tp_run, checkpoints, kind, tp):
     assert results[0]["tokens"] == ref["greedy"], f"{kind} TP={tp}: greedy tokens differ from transformers"
 
 
-@pytest.mark.parametrize("kind,tp", [(k, 2) for k in KINDS] + [("llama_9_3_tied", 4)])
+# what the compiled step sees differently: uneven heads and a tied head, a window, biases, q/k norms
+# (llama_gqa and llama3_rope differ from these only outside it: head counts and rope tables)
+COMPILED_KINDS = ["llama_9_3_tied", "mistral_window", "qwen2_bias", "qwen3_qknorm"]
+
+
+@pytest.mark.parametrize("kind,tp", [(k, 2) for k in COMPILED_KINDS] + [("llama_9_3_tied", 4)])
 def test_compiled_decode_matches_transformers(tp_run, checkpoints, kind, tp):
-    """compile_decode: every architecture's decode step through torch.compile, same greedy tokens."""
+    """compile_decode: each architecture's decode step through torch.compile, same greedy tokens."""
     path, ref = checkpoints[kind]
     results = tp_run(tp, check_parity, path, ref, True)
     assert all(r["tokens"] == ref["greedy"] for r in results), f"{kind} TP={tp}: compiled greedy tokens differ"
     assert all(r["graphs"] == ["few"] for r in results)  # the 3-prompt batch really ran compiled
+
+
+def check_decode_plan(path: str, dtype: str, quantization: str | None) -> dict:
+    """Every decode step through ``llama.decode_rows`` run again through the layer modules on the
+    same input (rewriting the same K/V into the same slots): the two must agree bit for bit."""
+    from tpserve.engine.sampling import SamplingParams
+    from tpserve.engine.spmd import generate
+    from tpserve.models import llama, load_model
+
+    real, same = llama.decode_rows, []
+
+    def both(plans, x, step, kv_cache, *args):
+        y = real(plans, x, step, kv_cache, *args)
+        if y is not None:
+            want = x
+            for layer, cache in zip(model.model.layers, kv_cache):
+                want = layer(want, step, cache)
+            same.append(torch.equal(y, want))
+        return y
+
+    llama.decode_rows = both
+    try:
+        model = load_model(path, dtype=dtype, device="cpu", progress=False, quantization=quantization,
+                           decode_layout=True)
+        generate(model, PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
+    finally:
+        llama.decode_rows = real
+    return {"same": same, "gate_up_fused": [p.gate_up is not None for p in model.plans or []]}
+
+
+@pytest.fixture(scope="module")
+def bias_checkpoint(tmp_path_factory):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bias") / "llama_bias"
+    model = tf.LlamaForCausalLM(_config("llama_bias"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):  # transformers starts them at zero
+                param.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
+def test_decode_plan_equals_the_modules_bit_for_bit(tp_run, checkpoints, bias_checkpoint, dtype, quantization, tp):
+    """The module-free decode step (``llama.decode_rows``) on biases in every projection, a sliding
+    window and SmolLM2's uneven heads, fp32 (gate/up apart in the decode layout), bf16 and int8."""
+    paths = [bias_checkpoint, checkpoints["mistral_window"][0], checkpoints["llama_9_3_tied"][0]]
+    for path in paths:
+        results = tp_run(tp, check_decode_plan, path, dtype, quantization)
+        for r in results:
+            assert r["same"] and all(r["same"]), f"{path} {dtype} TP={tp}: decode_rows differs from the modules"
+            if dtype == "float32" and tp == 1:  # the decode layout keeps wide gate/up weights transposed
+                assert r["gate_up_fused"] and not any(r["gate_up_fused"])
+
+
+def check_no_plan(path: str) -> bool:
+    from tpserve.models import load_model
+
+    model = load_model(path, dtype="float32", device="cpu", progress=False)
+    return model.plans is None and all(layer.self_attn.qkv is not None for layer in model.model.layers)
+
+
+def test_no_decode_plan_with_qk_norm(tp_run, checkpoints):
+    """Qwen3's q/k norms sit between the projection and rope: its layers run as modules."""
+    assert tp_run(1, check_no_plan, checkpoints["qwen3_qknorm"][0]) == [True]
 
 
 def check_mixed_budgets(path: str) -> list:

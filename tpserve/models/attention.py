@@ -173,6 +173,14 @@ def decode_gathered(q, k_cache, v_cache, tables, lens, kv_index, uniform: bool, 
     return _sdpa(q[:, :, None], k, v, mask, None if uniform else kv_index)[:, :, 0]
 
 
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: Step,
+                 kv_index: torch.Tensor) -> torch.Tensor:
+    """The decode rows' attention through the paged kernel (where ``step.kernel``), q [rows, H, D].
+    Eager calls skip the custom op's dispatch (~15 us a layer); compiled code needs it."""
+    op = _paged_decode_op if torch.compiler.is_compiling() else _ext.paged_decode
+    return op(q, k_cache, v_cache, step.tables, step.lens, kv_index, q.shape[-1] ** -0.5, step.window)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
            cache: tuple[torch.Tensor, torch.Tensor] | None, kv_index: torch.Tensor, uniform: bool) -> torch.Tensor:
     """Attention for the flattened q [N, H, D], k/v [N, Hkv, D]; writes the new K/V to the cache
@@ -190,9 +198,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
     if d:
         qd = q[:d]
         if step.kernel:
-            # eager calls skip the custom op's dispatch (~15 us a layer); compiled code needs it
-            op = _paged_decode_op if torch.compiler.is_compiling() else _ext.paged_decode
-            outs.append(op(qd, k_cache, v_cache, step.tables, step.lens, kv_index, qd.shape[-1] ** -0.5, step.window))
+            outs.append(paged_decode(qd, k_cache, v_cache, step, kv_index))
         else:
             outs.append(decode_gathered(qd, k_cache, v_cache, step.tables, step.lens, kv_index, uniform, step.window))
     for c in step.chunks:

@@ -41,6 +41,13 @@ def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return True
 
 
+def kernels_for(*tensors: torch.Tensor):
+    """The kernels' module where it takes these tensors (see :func:`fits`), else None: for a caller
+    that asks once and then calls the kernels on many tensors of the same kind (a decode step's
+    layers), skipping the per-call checks."""
+    return _ext if tensors and fits(*tensors) else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm: normalise in float32, round to x's dtype, times the weight."""
     if fits(x, weight):

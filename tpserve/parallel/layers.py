@@ -250,6 +250,17 @@ def fused_forward(x: torch.Tensor, fused: tuple) -> torch.Tensor:
     return linear(x, weight, bias, scale, minv=minv)
 
 
+def finish_rows(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, group: dist.ProcessGroup,
+                reduce: bool) -> torch.Tensor:
+    """A row-parallel product ``y`` made the layer's output, for inference: with ``reduce``, its
+    float32 partial sums are summed over ``group`` in place (no copy) and rounded once to
+    ``dtype``, as TP = 1 rounds once; then the bias, held whole on every rank, is added once."""
+    if reduce:
+        comm.all_reduce_sum(y, group)
+        y = y.to(dtype)
+    return y + bias if bias is not None else y
+
+
 class RowParallelLinear(_TPModule):
     """``y = x W^T + b`` with W's columns (input features) split; partial sums are all-reduced
     and the bias, held whole on every rank, is added once after the reduce."""
@@ -296,13 +307,10 @@ class RowParallelLinear(_TPModule):
             )
         reduce = self.reduce_output and self.tp_size > 1
         y = linear(x, self.weight, None, self.weight_scale, float_out=reduce, minv=self.weight_min)
-        if reduce:
-            if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
-                y = reduce_from_tp_region(y, self.group)
-            else:  # inference: reduce the fresh matmul output in place, no copy
-                comm.all_reduce_sum(y, self.group)
-            y = y.to(x.dtype)  # a float32 partial sum is rounded once, after the sum
-        return y + self.bias if self.bias is not None else y
+        if reduce and torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
+            y = reduce_from_tp_region(y, self.group).to(x.dtype)
+            return y + self.bias if self.bias is not None else y
+        return finish_rows(y, x.dtype, self.bias, self.group, reduce)
 
     _dense_args = ColumnParallelLinear._dense_args
 
