@@ -262,28 +262,31 @@ class LayerPlan(NamedTuple):
     up: tuple
     down: tuple
     down_bias: torch.Tensor | None
+    reduce: bool  # o and down give partial sums to all-reduce (RowParallelLinear's own flag)
 
 
 def _linear_args(mod, bias: bool, float_out: bool = False) -> tuple:
     return mod.weight, mod.bias if bias else None, mod.weight_scale, float_out, mod.weight_min
 
 
-def layer_plan(layer: DecoderLayer, reduce: bool) -> LayerPlan | None:
+def layer_plan(layer: DecoderLayer) -> LayerPlan | None:
     """``layer``'s :class:`LayerPlan`, or None where :func:`decode_rows` does not apply (q/k norms,
-    q/k/v not fused). ``reduce``: the group has several ranks (row-parallel partial sums)."""
+    q/k/v not fused)."""
     a, m = layer.self_attn, layer.mlp
-    if a.qkv is None or a.q_norm is not None:
+    reduce = {r.reduce_output and r.tp_size > 1 for r in (a.o_proj, m.down_proj)}
+    if a.qkv is None or a.q_norm is not None or len(reduce) > 1:
         return None
+    reduce = reduce.pop()
     w, b, scale, minv, _ = a.qkv
     gate_up = None if m.gate_up is None else (*m.gate_up[:3], False, m.gate_up[3])
     return LayerPlan(layer.input_layernorm.weight, (w, b, scale, False, minv), a.num_local_heads, a.num_local_kv,
                      a.kv_index, _linear_args(a.o_proj, False, reduce), a.o_proj.bias,
                      layer.post_attention_layernorm.weight, gate_up, _linear_args(m.gate_proj, True),
-                     _linear_args(m.up_proj, True), _linear_args(m.down_proj, False, reduce), m.down_proj.bias)
+                     _linear_args(m.up_proj, True), _linear_args(m.down_proj, False, reduce), m.down_proj.bias, reduce)
 
 
 def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: list, eps: float,
-                group: dist.ProcessGroup, reduce: bool) -> torch.Tensor | None:
+                group: dist.ProcessGroup) -> torch.Tensor | None:
     """Decode rows through every layer as the modules compute them, bit for bit, with the same
     functions but none of the module calls, attribute lookups and per-call checks (asked once
     here): with kernels stubbed out, a bf16 step of the default model spent ~3 ms of its ~20 in
@@ -299,13 +302,13 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
         q = fk.rope_store(linear(fk.rms_norm(x, p.in_norm, eps), *p.qkv), cos, sin, slots, k_cache, v_cache,
                           p.heads, p.kv_heads)
         out = paged_decode(q, k_cache, v_cache, step, p.kv_index)
-        x, h = fk.add_rms_norm(x, finish_rows(linear(out.view(n, -1), *p.o), dtype, p.o_bias, group, reduce),
+        x, h = fk.add_rms_norm(x, finish_rows(linear(out.view(n, -1), *p.o), dtype, p.o_bias, group, p.reduce),
                                p.post_norm, eps)
         if p.gate_up is not None:
             act = fk.silu_mul(linear(h, *p.gate_up))
         else:
             act = F.silu(linear(h, *p.gate)) * linear(h, *p.up)
-        x = x + finish_rows(linear(act, *p.down), dtype, p.down_bias, group, reduce)
+        x = x + finish_rows(linear(act, *p.down), dtype, p.down_bias, group, p.reduce)
     return x
 
 
@@ -397,8 +400,7 @@ class LlamaForCausalLM(nn.Module):
     def _make_plans(self) -> None:
         """:func:`decode_rows`' plans, after :meth:`fuse_projections` or new buffers (None where a
         layer has none: the modules run)."""
-        reduce = group_size(self.group) > 1
-        plans = [layer_plan(layer, reduce) for layer in self.model.layers]
+        plans = [layer_plan(layer) for layer in self.model.layers]
         self.plans = plans if plans and all(p is not None for p in plans) else None
 
     def tie_weights(self) -> None:
@@ -445,8 +447,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         y = None
         if self.plans is not None and kv_cache is not None and not compiled and not torch.is_grad_enabled():
-            y = decode_rows(self.plans, x, step, kv_cache, self.spec.rms_norm_eps, self.group,
-                            group_size(self.group) > 1)
+            y = decode_rows(self.plans, x, step, kv_cache, self.spec.rms_norm_eps, self.group)
         for i, layer in enumerate(self.model.layers if y is None else ()):
             cache = kv_cache[i] if kv_cache is not None else None
             x = self._decode_layer(layer, x, step, cache) if compiled else layer(x, step, cache)
