@@ -63,7 +63,9 @@ def test_logits_shape_and_tp_invariance(by_tp):
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+# TP=2 only: its graphs break around the collectives; TP=1's compiled answers through every
+# graph are test_server's test_compiled_server_gives_the_same_answers (the suite's time budget)
+@pytest.mark.parametrize("tp", [2])
 def test_compiled_decode_matches_eager(by_tp, tp):
     """--compile changes how the decode step runs, never what it produces."""
     from torch._dynamo.utils import counters
