@@ -448,10 +448,12 @@ class LlamaForCausalLM(nn.Module):
         y = None
         if self.plans is not None and kv_cache is not None and not compiled and not torch.is_grad_enabled():
             y = decode_rows(self.plans, x, step, kv_cache, self.spec.rms_norm_eps, self.group)
-        for i, layer in enumerate(self.model.layers if y is None else ()):
-            cache = kv_cache[i] if kv_cache is not None else None
-            x = self._decode_layer(layer, x, step, cache) if compiled else layer(x, step, cache)
-        x = x if y is None else y
+        if y is not None:
+            x = y
+        else:
+            for i, layer in enumerate(self.model.layers):
+                cache = kv_cache[i] if kv_cache is not None else None
+                x = self._decode_layer(layer, x, step, cache) if compiled else layer(x, step, cache)
         if step.logit_rows is not None:
             x = x.index_select(0, step.logit_rows)
         if compiled:
