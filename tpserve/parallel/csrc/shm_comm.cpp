@@ -234,9 +234,11 @@ class Comm {
         sched_yield();
         const auto now = clock::now();
         const double waited = std::chrono::duration<double>(now - start).count();
-        if (waited > 0.001) {  // a long wait: sleep in naps instead of yielding hot; an idle
-          // worker waiting for its next command (no deadline) naps 1 ms, costing ~nothing
-          struct timespec nap = {0, waited > 1.0 ? 1000000 : 50000};
+        if (waited > 0.001) {  // a long wait: sleep in naps instead of yielding hot. Past 20 ms
+          // (a busy engine's ranks wait far less for each other and for commands) naps grow to
+          // 1 ms: 50 us naps for a whole second made an idle engine's workers wake 20,000 times
+          // a second on the cores another engine in the same process was computing on
+          struct timespec nap = {0, waited > 0.02 ? 1000000 : 50000};
           nanosleep(&nap, nullptr);
         }
         if (now < next_check) continue;
