@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/load.py --tp 2
 	$(PY) benchmarks/generate.py --tp 1 2 3 4
 	$(PY) benchmarks/decode_plan.py --tp 1 2
+	$(PY) benchmarks/paired.py --tp 1 2 --dtype float32 bfloat16
 
 # vLLM's CPU build, the benchmarks' baseline (generate.py --vllm-tp), in a venv of its own;
 # its torchvision/torchaudio/torchcodec are built for another torch and break `import vllm`

@@ -1,5 +1,6 @@
-"""What the benchmarks share: a median timer, and random fp32 Llama checkpoints: ~620 MB
-(loading, checkpoints) and the 281M even-head model of the TP decode benchmark."""
+"""What the benchmarks share: a median timer, what a --dtype choice runs as, and random fp32 Llama
+checkpoints: ~620 MB (loading, checkpoints) and the 281M even-head model of the TP decode
+benchmark."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def median_time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def engine_dtype(dtype: str) -> tuple[str, str | None]:
+    """(LLM dtype, quantization) of a --dtype choice: q4 at dtype auto (as the default model runs
+    by default); int8 computes in bf16 where tpserve's bf16 kernel runs on this CPU, else in fp32."""
+    if dtype == "q4":
+        return "auto", dtype
+    if dtype != "int8":
+        return dtype, None
+    from tpserve.parallel import matvec
+
+    return ("bfloat16" if matvec.bf16_kernel() else "float32"), dtype
 
 
 # ~619 MB of fp32 weights; 16 query / 4 KV heads split evenly at TP = 2 and 4.

@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # _common: random-281m, median_time
 
-from _common import median_time  # noqa: E402
+from _common import engine_dtype, median_time  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
@@ -92,18 +92,6 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
     before = read_bandwidth(nbytes, tp=tp)
     out = fn()
     return out, max(before, read_bandwidth(nbytes, tp=tp))
-
-
-def engine_dtype(dtype: str) -> tuple[str, str | None]:
-    """(LLM dtype, quantization) of a --dtype choice: q4 at dtype auto (as the default model runs
-    by default); int8 computes in bf16 where tpserve's bf16 kernel runs on this CPU, else in fp32."""
-    if dtype == "q4":
-        return "auto", dtype
-    if dtype != "int8":
-        return dtype, None
-    from tpserve.parallel import matvec
-
-    return ("bfloat16" if matvec.bf16_kernel() else "float32"), dtype
 
 
 def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,
