@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.admission_trials < 1:
+        parser.error(f"--admission-trials must be at least 1, got {args.admission_trials}")
 
     from tpserve.checkpoint.resolve import resolve_model_path
     path = str(resolve_model_path(args.model))
