@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     args = parser.parse_args()
+    if args.pairs < 1 or args.new < 1:
+        parser.error(f"--pairs and --new must be at least 1, got {args.pairs} and {args.new}")
     if args.model == "random-281m":
         args.model = str(make_checkpoint(args.dir, MODEL_281M, "llama-281m-fp32-v1"))
 
