@@ -133,7 +133,13 @@ def check_decode_plan(path: str, dtype: str, quantization: str | None) -> dict:
         generate(model, PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
     finally:
         llama.decode_rows = real
-    return {"same": same, "gate_up_fused": [p.gate_up is not None for p in model.plans or []]}
+    from tpserve.parallel import matvec
+
+    products = [q for p in model.plans or [] for q in (p.qkv, p.o, p.gate_up or p.gate, p.down)]
+    # the products linear() would run through matvec's kernels are called directly
+    want_direct = matvec.available() and (quantization is not None or dtype == "bfloat16" and matvec.bf16_kernel())
+    return {"same": same, "gate_up_fused": [p.gate_up is not None for p in model.plans or []],
+            "direct": all((q.kernel is not None) == bool(want_direct) for q in products) and bool(products)}
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +160,15 @@ def bias_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
 def test_decode_plan_equals_the_modules_bit_for_bit(tp_run, checkpoints, bias_checkpoint, dtype, quantization, tp):
-    """The module-free decode step (``llama.decode_rows``) on biases in every projection, a sliding
-    window and SmolLM2's uneven heads, fp32 (gate/up apart in the decode layout), bf16 and int8."""
+    """The module-free decode step (``llama.decode_rows``, which calls matvec's kernels directly) on
+    biases in every projection, a sliding window and SmolLM2's uneven heads, fp32 (gate/up apart
+    in the decode layout), bf16 and int8."""
     paths = [bias_checkpoint, checkpoints["mistral_window"][0], checkpoints["llama_9_3_tied"][0]]
     for path in paths:
         results = tp_run(tp, check_decode_plan, path, dtype, quantization)
         for r in results:
             assert r["same"] and all(r["same"]), f"{path} {dtype} TP={tp}: decode_rows differs from the modules"
+            assert r["direct"], f"{path} {dtype} TP={tp}: decode_rows did not call the kernels directly"
             if dtype == "float32" and tp == 1:  # the decode layout keeps wide gate/up weights transposed
                 assert r["gate_up_fused"] and not any(r["gate_up_fused"])
 

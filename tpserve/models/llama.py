@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,6 +32,7 @@ from tpserve.parallel import (
     group_rank,
     group_size,
     head_ranges,
+    matvec,
 )
 from tpserve.parallel.comm import patience
 from tpserve.parallel.layers import REDUCE_ROWS, finish_rows, fuse_columns, fused_forward, linear
@@ -245,28 +247,43 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, device, dtype)
 
 
+class Product(NamedTuple):
+    """One product of a :class:`LayerPlan`: ``layers.linear``'s arguments after x (weight, bias,
+    scale, float_out, minv), and the extension call linear makes for up to ``rows`` rows
+    (``matvec.kernel_call``; None and 0 where it makes none)."""
+
+    args: tuple
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None
+    rows: int
+
+
+def _product(dtype: torch.dtype, weight, bias, scale, float_out: bool, minv) -> Product:
+    found = matvec.kernel_call(weight, bias, scale, float_out, minv, dtype)
+    return Product((weight, bias, scale, float_out, minv), *(found or (None, 0)))
+
+
 class LayerPlan(NamedTuple):
-    """One decoder layer's tensors, taken out of its modules once, for :func:`decode_rows`: the
-    weights and flags each product passes to ``layers.linear``, and what the rest needs."""
+    """One decoder layer's tensors, taken out of its modules once, for :func:`decode_rows`: its
+    products, and what the rest needs."""
 
     in_norm: torch.Tensor
-    qkv: tuple  # linear's (weight, bias, scale, float_out, minv)
+    qkv: Product
     heads: int
     kv_heads: int
     kv_index: torch.Tensor
-    o: tuple
+    o: Product
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: tuple | None  # None: gate and up apart (the decode layout keeps their weights transposed)
-    gate: tuple
-    up: tuple
-    down: tuple
+    gate_up: Product | None  # None: gate and up apart (the decode layout keeps their weights transposed)
+    gate: Product
+    up: Product
+    down: Product
     down_bias: torch.Tensor | None
     reduce: bool  # o and down give partial sums to all-reduce (RowParallelLinear's own flag)
 
 
-def _linear_args(mod, bias: bool, float_out: bool = False) -> tuple:
-    return mod.weight, mod.bias if bias else None, mod.weight_scale, float_out, mod.weight_min
+def _linear_product(dtype: torch.dtype, mod, bias: bool, float_out: bool = False) -> Product:
+    return _product(dtype, mod.weight, mod.bias if bias else None, mod.weight_scale, float_out, mod.weight_min)
 
 
 def layer_plan(layer: DecoderLayer) -> LayerPlan | None:
@@ -277,12 +294,14 @@ def layer_plan(layer: DecoderLayer) -> LayerPlan | None:
     if a.qkv is None or a.q_norm is not None or len(reduce) > 1:
         return None
     reduce = reduce.pop()
+    dtype = layer.input_layernorm.weight.dtype  # the activations' (the model's compute dtype)
     w, b, scale, minv, _ = a.qkv
-    gate_up = None if m.gate_up is None else (*m.gate_up[:3], False, m.gate_up[3])
-    return LayerPlan(layer.input_layernorm.weight, (w, b, scale, False, minv), a.num_local_heads, a.num_local_kv,
-                     a.kv_index, _linear_args(a.o_proj, False, reduce), a.o_proj.bias,
-                     layer.post_attention_layernorm.weight, gate_up, _linear_args(m.gate_proj, True),
-                     _linear_args(m.up_proj, True), _linear_args(m.down_proj, False, reduce), m.down_proj.bias, reduce)
+    gate_up = None if m.gate_up is None else _product(dtype, *m.gate_up[:3], False, m.gate_up[3])
+    return LayerPlan(layer.input_layernorm.weight, _product(dtype, w, b, scale, False, minv), a.num_local_heads,
+                     a.num_local_kv, a.kv_index, _linear_product(dtype, a.o_proj, False, reduce), a.o_proj.bias,
+                     layer.post_attention_layernorm.weight, gate_up, _linear_product(dtype, m.gate_proj, True),
+                     _linear_product(dtype, m.up_proj, True), _linear_product(dtype, m.down_proj, False, reduce),
+                     m.down_proj.bias, reduce)
 
 
 def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: list, eps: float,
@@ -298,17 +317,22 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
     if fk is None or step.chunks or not step.kernel or step.num_decode != x.shape[0]:
         return None
     n, dtype, cos, sin, slots = x.shape[0], x.dtype, step.cos, step.sin, step.slots
+    rows = n if dtype is plans[0].in_norm.dtype else math.inf  # the kernels were chosen for the plan's dtype
+
+    def mm(product: Product, x: torch.Tensor) -> torch.Tensor:
+        return product.kernel(x) if rows <= product.rows else linear(x, *product.args)
+
     for p, (k_cache, v_cache) in zip(plans, kv_cache):
-        q = fk.rope_store(linear(fk.rms_norm(x, p.in_norm, eps), *p.qkv), cos, sin, slots, k_cache, v_cache,
+        q = fk.rope_store(mm(p.qkv, fk.rms_norm(x, p.in_norm, eps)), cos, sin, slots, k_cache, v_cache,
                           p.heads, p.kv_heads)
         out = paged_decode(q, k_cache, v_cache, step, p.kv_index)
-        x, h = fk.add_rms_norm(x, finish_rows(linear(out.view(n, -1), *p.o), dtype, p.o_bias, group, p.reduce),
+        x, h = fk.add_rms_norm(x, finish_rows(mm(p.o, out.view(n, -1)), dtype, p.o_bias, group, p.reduce),
                                p.post_norm, eps)
         if p.gate_up is not None:
-            act = fk.silu_mul(linear(h, *p.gate_up))
+            act = fk.silu_mul(mm(p.gate_up, h))
         else:
-            act = F.silu(linear(h, *p.gate)) * linear(h, *p.up)
-        x = x + finish_rows(linear(act, *p.down), dtype, p.down_bias, group, p.reduce)
+            act = F.silu(mm(p.gate, h)) * mm(p.up, h)
+        x = x + finish_rows(mm(p.down, act), dtype, p.down_bias, group, p.reduce)
     return x
 
 
