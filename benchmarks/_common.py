@@ -1,6 +1,6 @@
-"""What the benchmarks share: a median timer, what a --dtype choice runs as, and random fp32 Llama
-checkpoints: ~620 MB (loading, checkpoints) and the 281M even-head model of the TP decode
-benchmark."""
+"""What the benchmarks share: a median timer, one timed run of an engine, what a --dtype choice
+runs as, and random fp32 Llama checkpoints: ~620 MB (loading, checkpoints) and the 281M even-head
+model of the TP decode benchmark."""
 
 from __future__ import annotations
 
@@ -35,6 +35,46 @@ def engine_dtype(dtype: str) -> tuple[str, str | None]:
     from tpserve.parallel import matvec
 
     return ("bfloat16" if matvec.bf16_kernel() else "float32"), dtype
+
+
+ROWS, ROW_PROMPT, ROW_NEW = 16, 32, 16  # one_round's many-row decode
+
+
+def _steps_until(engine, seqs: list, tokens: int) -> int:
+    """Step ``engine`` until every one of ``seqs`` has ``tokens`` tokens (or has finished); the
+    number of steps."""
+    steps = 0
+    while any(len(s.token_ids) < tokens and not s.finished for s in seqs):
+        engine.step()
+        steps += 1
+    return steps
+
+
+def one_round(llm, prompt: list[int], new: int) -> tuple[float, float, float]:
+    """(prefill tok/s, batch-1 decode tok/s, 16-row decode tok/s) of one run of each, timed
+    from that run's engine steps: prefill is ``prompt`` over the time to its first token, decode
+    the ``new`` further tokens over the time from the first token to the last, and 16-row decode
+    the tokens of the steps after all 16 rows (``ROW_PROMPT`` tokens each) have their first one.
+    Never the difference of two runs, which on a noisy VM can swing a figure by 2x."""
+    from tpserve import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=new + 1, ignore_eos=True)
+    seq = engine.add(prompt, params)
+    t0 = time.perf_counter()
+    _steps_until(engine, [seq], 1)
+    t1 = time.perf_counter()
+    _steps_until(engine, [seq], new + 1)
+    t2 = time.perf_counter()
+    rows = [engine.add(prompt[:ROW_PROMPT], SamplingParams(max_tokens=ROW_NEW + 1, ignore_eos=True))
+            for _ in range(ROWS)]
+    _steps_until(engine, rows, 1)
+    t3 = time.perf_counter()
+    steps = _steps_until(engine, rows, ROW_NEW + 1)
+    t4 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return len(prompt) / (t1 - t0), new / (t2 - t1), ROWS * steps / (t4 - t3)
 
 
 # ~619 MB of fp32 weights; 16 query / 4 KV heads split evenly at TP = 2 and 4.

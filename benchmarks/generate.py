@@ -13,8 +13,11 @@ untied input embedding), so the roofline is (memory read bandwidth) / (bytes per
 table reports each engine's fraction of it, against the bandwidth measured just before and after
 that engine's runs (the higher of the two) by summing a buffer the size of the weights, in the
 engine's thread layout (TP=N: N threads at once, each on its rank's cores), since a shared
-VM's bandwidth drifts. Times are medians of --reps runs after a warm-up; "first call" is
-that warm-up, which for --compile rows includes torch.compile. With --rounds R every tpserve
+VM's bandwidth drifts. Figures are medians of --reps runs after a warm-up; "first call" is
+that warm-up, which for --compile rows includes torch.compile. tpserve's and llama.cpp's runs
+are timed from their own steps (prefill: the time to the first token; decode: from the first
+token to the last), as ``paired.py`` times them; transformers' and vLLM's decode is the time of
+a (--new + 1)-token run less that of a 1-token run. With --rounds R every tpserve
 configuration runs R times, interleaved (TP=1, TP=2, TP=1, TP=2, ...), and "vs TP=1" is the
 median over rounds of each round's ratio to that round's TP=1, so slow minutes of a shared
 machine hit both sides alike. The "16 rows" column is decode tok/s of 16 prompts at once.
@@ -44,9 +47,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # _common: random-281m, median_time
+sys.path.insert(0, str(Path(__file__).parent))  # _common: random-281m, median_time, one_round
 
-from _common import engine_dtype, median_time  # noqa: E402
+from _common import engine_dtype, median_time, one_round  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
@@ -97,26 +100,20 @@ def _with_bandwidth(fn, nbytes: int, tp: int = 1):
 def bench_tpserve(model, tp: int, prompt: list[int], new: int, reps: int, compile: bool,
                   dtype: str) -> tuple[float, float, float, float]:
     """(prefill tok/s, decode tok/s, 16-row decode tok/s, seconds of the first generate call,
-    which includes compiling)."""
+    which includes compiling): medians of ``reps`` runs, each timed from its own engine steps
+    (``one_round``)."""
     from tpserve import LLM, SamplingParams
 
     compute, quantization = engine_dtype(dtype)
     # prefix caching off: the reps repeat one prompt, and a cached prompt would time one token
     with LLM(model=model, tensor_parallel_size=tp, compile=compile, dtype=compute, quantization=quantization,
              enable_prefix_caching=False) as llm:
-        one = SamplingParams(max_tokens=1, ignore_eos=True)
-        many = SamplingParams(max_tokens=new + 1, ignore_eos=True)
         t = time.perf_counter()
         llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         first = time.perf_counter() - t
-        t_prefill = median_time(lambda: llm.generate([prompt], one), reps)
-        t_total = median_time(lambda: llm.generate([prompt], many), reps)
-        rows = [prompt[:32]] * 16
-        few = SamplingParams(max_tokens=17, ignore_eos=True)
-        llm.generate(rows, few)  # warm-up (a compiled graph for many rows)
-        t16_prefill = median_time(lambda: llm.generate(rows, one), reps)
-        t16_total = median_time(lambda: llm.generate(rows, few), reps)
-    return len(prompt) / t_prefill, new / (t_total - t_prefill), 16 * 16 / (t16_total - t16_prefill), first
+        one_round(llm, prompt, 8)  # warm-up (a compiled graph for many rows)
+        runs = [one_round(llm, prompt, new) for _ in range(reps)]
+    return (*(statistics.median(r[k] for r in runs) for k in range(3)), first)
 
 
 def bench_transformers(path, prompt: list[int], new: int, reps: int, dtype: torch.dtype) -> tuple[float, float]:

@@ -31,20 +31,23 @@ def main() -> None:
                 verbose=False)
     prompt = [1 + (i * 7919) % 20000 for i in range(args.prompt_len)]
 
-    def run(new: int) -> float:
+    def run(new: int) -> tuple[float, float]:
+        """Seconds of the prompt's evaluation and of the ``new`` tokens after it, in one run."""
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
+        t_prompt = time.perf_counter()
         for i in range(new):
             llm.eval([prompt[i % len(prompt)]])
-        return time.perf_counter() - t
+        return t_prompt - t, time.perf_counter() - t_prompt
 
     t = time.perf_counter()
     run(8)
     first = time.perf_counter() - t
-    t_prefill = statistics.median(run(0) for _ in range(args.reps))
-    t_total = statistics.median(run(args.new) for _ in range(args.reps))
-    print("LLAMACPP_ROW", json.dumps({"prefill": args.prompt_len / t_prefill, "decode": args.new / (t_total - t_prefill),
+    runs = [run(args.new) for _ in range(args.reps)]
+    t_prefill = statistics.median(r[0] for r in runs)
+    t_decode = statistics.median(r[1] for r in runs)
+    print("LLAMACPP_ROW", json.dumps({"prefill": args.prompt_len / t_prefill, "decode": args.new / t_decode,
                                       "rows16": None, "first": first}), flush=True)
 
 

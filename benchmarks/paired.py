@@ -27,48 +27,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # _common
 
-from _common import MODEL_281M, engine_dtype, make_checkpoint  # noqa: E402
-
-ROWS, ROW_PROMPT, ROW_NEW = 16, 32, 16
-
-
-def _steps_until(engine, seqs: list, tokens: int) -> int:
-    """Step ``engine`` until every one of ``seqs`` has ``tokens`` tokens (or has finished); the
-    number of steps."""
-    steps = 0
-    while any(len(s.token_ids) < tokens and not s.finished for s in seqs):
-        engine.step()
-        steps += 1
-    return steps
-
-
-def one_round(llm, prompt: list[int], new: int) -> tuple[float, float, float]:
-    """(prefill tok/s, batch-1 decode tok/s, 16-row decode tok/s) of one run of each."""
-    from tpserve import SamplingParams
-
-    engine = llm.engine
-    params = SamplingParams(max_tokens=new + 1, ignore_eos=True)
-    seq = engine.add(prompt, params)
-    t0 = time.perf_counter()
-    _steps_until(engine, [seq], 1)
-    t1 = time.perf_counter()
-    _steps_until(engine, [seq], new + 1)
-    t2 = time.perf_counter()
-    rows = [engine.add(prompt[:ROW_PROMPT], SamplingParams(max_tokens=ROW_NEW + 1, ignore_eos=True))
-            for _ in range(ROWS)]
-    _steps_until(engine, rows, 1)
-    t3 = time.perf_counter()
-    steps = _steps_until(engine, rows, ROW_NEW + 1)
-    t4 = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    return len(prompt) / (t1 - t0), new / (t2 - t1), ROWS * steps / (t4 - t3)
+from _common import MODEL_281M, ROW_NEW, ROW_PROMPT, engine_dtype, make_checkpoint, one_round  # noqa: E402
 
 
 def main() -> None:
