@@ -19,10 +19,11 @@ from tpserve.parallel import (
     all_reduce_sum,
     broadcast_object,
     broadcast_tensor,
+    set_group_timeout,
     shm,
     shm_setup,
 )
-from tpserve.parallel.comm import gather_to_rank0
+from tpserve.parallel.comm import gather_to_rank0, summer
 
 SLOT = shm.SLOT_BYTES
 COUNTS = [1, 7, 1024, 1025, SLOT // 4 + 3, 3 * SLOT // 4 + 1]  # one round, several rounds, odd tails
@@ -48,11 +49,16 @@ def check_against_gloo() -> dict:
             worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
             assert err <= tol, (dtype, n, err)
             digests.append(_digest(fast))
-    # a non-contiguous tensor is summed in place too
-    base = torch.arange(12.0).view(3, 4) * (rank + 1)
-    col = base[:, 1]
-    all_reduce_sum(col)
-    assert torch.equal(base[:, 1], torch.tensor([1.0, 5.0, 9.0]) * world * (world + 1) / 2)
+    # a non-contiguous tensor is summed in place too, by all_reduce_sum and by a decode loop's summer
+    total = summer()
+    for reduce in (all_reduce_sum, total):
+        base = torch.arange(12.0).view(3, 4) * (rank + 1)
+        col = base[:, 1]
+        reduce(col)
+        assert torch.equal(base[:, 1], torch.tensor([1.0, 5.0, 9.0]) * world * (world + 1) / 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 1000, generator=gen).to(dtype)
+        assert torch.equal(total(x.clone()), all_reduce_sum(x.clone())), dtype
     # uneven pieces along every dimension, sizes given or found, a rank with nothing
     for dim in (0, 1, 2):
         for sizes in ([r + 1 for r in range(world)], [0] + [3] * (world - 1), [SLOT // 8 + r for r in range(world)]):
@@ -152,11 +158,15 @@ def _all_reduce_error(timeout: float) -> str:
     return comm_error_after(lambda: all_reduce_sum(torch.ones(64), timeout=timeout))
 
 
-def _peer_dies_mid_run(timeout: float) -> str:
+def _peer_dies_mid_run(timeout: float, how: str = "all_reduce_sum") -> str:
     for _ in range(20):
         all_reduce_sum(torch.ones(64))
     if dist.get_rank() == 1:
         os._exit(3)  # a zombie until its parent reaps it: still dead
+    if how == "summer":  # a decode loop's sums: the group's deadline, asked once
+        set_group_timeout(dist.group.WORLD, timeout)
+        total = summer()
+        return comm_error_after(lambda: total(torch.ones(64)))
     return _all_reduce_error(timeout)
 
 
@@ -168,15 +178,16 @@ def _peer_stalls(timeout: float) -> str:
     return _all_reduce_error(timeout)
 
 
-def _rank0_error(fn, timeout: float, limit: float) -> tuple[float, str]:
-    status, value = spawn_once(fn, 2, timeout, timeout=limit)[0]
+def _rank0_error(fn, timeout: float, limit: float, *args) -> tuple[float, str]:
+    status, value = spawn_once(fn, 2, timeout, *args, timeout=limit)[0]
     assert status == "ok", value
     elapsed, msg = value.split("|", 1)
     return float(elapsed), msg
 
 
-def test_dead_peer_is_named_long_before_the_deadline():
-    elapsed, msg = _rank0_error(_peer_dies_mid_run, 30.0, 90)
+@pytest.mark.parametrize("how", ["all_reduce_sum", "summer"])
+def test_dead_peer_is_named_long_before_the_deadline(how):
+    elapsed, msg = _rank0_error(_peer_dies_mid_run, 30.0, 90, how)
     assert elapsed < 5, msg
     assert "rank(s) [1]" in msg and "shared memory: peer exited" in msg, msg
 

@@ -28,6 +28,7 @@ from tpserve.parallel import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    comm,
     get_group,
     group_rank,
     group_size,
@@ -318,6 +319,7 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
         return None
     n, dtype, cos, sin, slots = x.shape[0], x.dtype, step.cos, step.sin, step.slots
     rows = n if dtype is plans[0].in_norm.dtype else math.inf  # the kernels were chosen for the plan's dtype
+    total = comm.summer(group) if plans[0].reduce else None
 
     def mm(product: Product, x: torch.Tensor) -> torch.Tensor:
         return product.kernel(x) if rows <= product.rows else linear(x, *product.args)
@@ -326,13 +328,13 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
         q = fk.rope_store(mm(p.qkv, fk.rms_norm(x, p.in_norm, eps)), cos, sin, slots, k_cache, v_cache,
                           p.heads, p.kv_heads)
         out = paged_decode(q, k_cache, v_cache, step, p.kv_index)
-        x, h = fk.add_rms_norm(x, finish_rows(mm(p.o, out.view(n, -1)), dtype, p.o_bias, group, p.reduce),
+        x, h = fk.add_rms_norm(x, finish_rows(mm(p.o, out.view(n, -1)), dtype, p.o_bias, group, p.reduce, total),
                                p.post_norm, eps)
         if p.gate_up is not None:
             act = fk.silu_mul(mm(p.gate_up, h))
         else:
             act = F.silu(mm(p.gate, h)) * mm(p.up, h)
-        x = x + finish_rows(mm(p.down, act), dtype, p.down_bias, group, p.reduce)
+        x = x + finish_rows(mm(p.down, act), dtype, p.down_bias, group, p.reduce, total)
     return x
 
 

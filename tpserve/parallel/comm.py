@@ -15,6 +15,7 @@ import datetime
 import math
 import pickle
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,25 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None,
         return tensor
     _wait(dist.all_reduce(tensor, group=group, async_op=True), "all_reduce_sum", group, timeout)
     return tensor
+
+
+def summer(group: dist.ProcessGroup | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that does ``all_reduce_sum(t, group)`` for eager callers, with what that asks
+    on every call (the group's path, its deadline, torch.compile's eager wrapper: ~15 us, ~0.9 ms
+    of a ~17 ms bf16 step of the default model at TP = 2) asked once, here. For a decode loop
+    that sums twice a layer; ask again each step, since ``patience`` can change the deadline."""
+    group = get_group(group)
+    fast = _shm.of(group)
+    if group.size() == 1 or fast is None or fast.spans_hosts:
+        return lambda t: all_reduce_sum(t, group)
+    seconds, run = group_timeout(group), fast.all_reduce
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_contiguous() and fast.takes(t)):
+            return all_reduce_sum(t, group)
+        _run_fast("all_reduce_sum", group, seconds, run, t)
+        return t
+    return total
 
 
 @_eager

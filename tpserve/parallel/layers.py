@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -251,12 +252,16 @@ def fused_forward(x: torch.Tensor, fused: tuple) -> torch.Tensor:
 
 
 def finish_rows(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, group: dist.ProcessGroup,
-                reduce: bool) -> torch.Tensor:
+                reduce: bool, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """A row-parallel product ``y`` made the layer's output, for inference: with ``reduce``, its
-    float32 partial sums are summed over ``group`` in place (no copy) and rounded once to
-    ``dtype``, as TP = 1 rounds once; then the bias, held whole on every rank, is added once."""
+    float32 partial sums are summed over ``group`` in place (no copy; by ``total``, the group's
+    ``comm.summer``, where the caller has one) and rounded once to ``dtype``, as TP = 1 rounds
+    once; then the bias, held whole on every rank, is added once."""
     if reduce:
-        comm.all_reduce_sum(y, group)
+        if total is None:
+            comm.all_reduce_sum(y, group)
+        else:
+            total(y)
         y = y.to(dtype)
     return y + bias if bias is not None else y
 
