@@ -85,6 +85,28 @@ def test_bf16_sums_round_as_torch_does_bit_for_bit_with_ties_overflow_and_nan():
     assert torch.equal(total[0][keep].view(torch.int16), want[keep].view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_rounds_a_float32_sum_first(dtype):
+    """A row-parallel sum arrives in float32: the kernel rounds it to x's dtype, then adds, bit
+    for bit as ``x + h.to(dtype)``; ties, overflow and NaN included."""
+    big = torch.finfo(dtype).max
+    step = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # half a unit in the last place at 1
+    x = torch.tensor([1.0, 1.0, 3.0, 1.0, 0.5, 1.0, -2.0, 0.0] * 10, dtype=dtype)
+    h = torch.tensor([step, 3 * step, 1 + step, float(big) * 2, float("nan"), float("inf"), 1e-30, -0.0] * 10)
+    h = torch.cat([h[None], torch.randn(3, 80) * 4])
+    x = torch.cat([x[None], torch.randn(3, 80).to(dtype)])
+    w = torch.randn(80).to(dtype)
+    with torch.inference_mode():
+        for total, normed in (fused.add_rms_norm(x, h, w, 1e-5), fused.extension().add_rms_norm(x, h, w, 1e-5)):
+            want_total, want_normed = fused.add_rms_norm(x, h.to(dtype), w, 1e-5)
+            assert torch.equal(total.isnan(), want_total.isnan())
+            keep = ~want_total.isnan()
+            assert torch.equal(total[keep].view(torch.int16), want_total[keep].view(torch.int16))
+            keep = ~want_normed.isnan()
+            assert torch.equal(normed[keep].view(torch.int16), want_normed[keep].view(torch.int16))
+    assert torch.equal(fused.add_rms_norm(x, h, w, 1e-5)[0][1:], x[1:] + h[1:].to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width", [(1, 1536), (5, 40), (16, 33)])
 def test_silu_mul(dtype, rows, width):

@@ -309,10 +309,11 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
                 group: dist.ProcessGroup) -> torch.Tensor | None:
     """Decode rows through every layer as the modules compute them, bit for bit, with the same
     functions but none of the module calls, attribute lookups and per-call checks (asked once
-    here): with kernels stubbed out, a bf16 step of the default model spent ~3 ms of its ~20 in
-    Python, and this path decoded 1.12-1.19x faster than the modules at TP = 1 and 2, in bf16 and
-    fp32, on a 2-core CPU (``benchmarks/decode_plan.py``). None where it does not apply (the
-    caller runs the modules)."""
+    here), and fewer passes: a layer's MLP output joins the residual stream in the next layer's
+    norm, and row-parallel sums reach ``add_rms_norm`` in float32, which rounds them. With kernels
+    stubbed out, a bf16 step of the default model spent ~3 ms of its ~20 in Python, and this path
+    decoded 1.12-1.19x faster than the modules at TP = 1 and 2, in bf16 and fp32, on a 2-core CPU
+    (``benchmarks/decode_plan.py``). None where it does not apply (the caller runs the modules)."""
     k0, v0 = kv_cache[0]
     fk = kernels_for(x, step.cos, step.sin, k0, v0, plans[0].in_norm)
     if fk is None or step.chunks or not step.kernel or step.num_decode != x.shape[0]:
@@ -324,18 +325,22 @@ def decode_rows(plans: list[LayerPlan], x: torch.Tensor, step: Step, kv_cache: l
     def mm(product: Product, x: torch.Tensor) -> torch.Tensor:
         return product.kernel(x) if rows <= product.rows else linear(x, *product.args)
 
+    pending = None  # the last MLP's output, which the next layer's norm adds to the residual stream
     for p, (k_cache, v_cache) in zip(plans, kv_cache):
-        q = fk.rope_store(mm(p.qkv, fk.rms_norm(x, p.in_norm, eps)), cos, sin, slots, k_cache, v_cache,
-                          p.heads, p.kv_heads)
+        if pending is None:
+            normed = fk.rms_norm(x, p.in_norm, eps)
+        else:
+            x, normed = fk.add_rms_norm(x, pending, p.in_norm, eps)
+        q = fk.rope_store(mm(p.qkv, normed), cos, sin, slots, k_cache, v_cache, p.heads, p.kv_heads)
         out = paged_decode(q, k_cache, v_cache, step, p.kv_index)
-        x, h = fk.add_rms_norm(x, finish_rows(mm(p.o, out.view(n, -1)), dtype, p.o_bias, group, p.reduce, total),
-                               p.post_norm, eps)
+        x, h = fk.add_rms_norm(x, finish_rows(mm(p.o, out.view(n, -1)), dtype, p.o_bias, group, p.reduce, total,
+                                              rounded=False), p.post_norm, eps)
         if p.gate_up is not None:
             act = fk.silu_mul(mm(p.gate_up, h))
         else:
             act = F.silu(mm(p.gate, h)) * mm(p.up, h)
-        x = x + finish_rows(mm(p.down, act), dtype, p.down_bias, group, p.reduce, total)
-    return x
+        pending = finish_rows(mm(p.down, act), dtype, p.down_bias, group, p.reduce, total, rounded=False)
+    return x + pending.to(dtype)
 
 
 def _layer_step(layer: DecoderLayer, x: torch.Tensor, step: Step, cache) -> torch.Tensor:

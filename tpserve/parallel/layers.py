@@ -252,16 +252,20 @@ def fused_forward(x: torch.Tensor, fused: tuple) -> torch.Tensor:
 
 
 def finish_rows(y: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, group: dist.ProcessGroup,
-                reduce: bool, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                reduce: bool, total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                rounded: bool = True) -> torch.Tensor:
     """A row-parallel product ``y`` made the layer's output, for inference: with ``reduce``, its
     float32 partial sums are summed over ``group`` in place (no copy; by ``total``, the group's
     ``comm.summer``, where the caller has one) and rounded once to ``dtype``, as TP = 1 rounds
-    once; then the bias, held whole on every rank, is added once."""
+    once; then the bias, held whole on every rank, is added once. ``rounded=False`` leaves a sum
+    without bias in float32, for a consumer that rounds it itself (``fused.add_rms_norm``)."""
     if reduce:
         if total is None:
             comm.all_reduce_sum(y, group)
         else:
             total(y)
+        if bias is None and not rounded:
+            return y
         y = y.to(dtype)
     return y + bias if bias is not None else y
 

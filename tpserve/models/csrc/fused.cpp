@@ -5,7 +5,8 @@
 // K and V into the paged cache two more), which at 30 layers is a large part of a token. Here
 // each is one call:
 //   rms_norm       transformers' RMSNorm: normalise in float32, round to the model's dtype, times the weight;
-//   add_rms_norm   the residual sum x + h (rounded as torch's add) and its RMSNorm;
+//   add_rms_norm   the residual sum x + h (rounded as torch's add; a float32 h rounded to x's dtype first,
+//                  as a row-parallel sum is) and its RMSNorm;
 //   rope           x*cos + rotate_half(x)*sin, rotate_half's sign folded into `sin`, in float32, rounded once;
 //   rope_store     rope on the q and k parts of a fused q/k/v projection's output, k and v written to
 //                  their paged-cache slots, q returned;
@@ -45,10 +46,11 @@ void rope_row(const T* x, const T* c, const T* s, T* o, int64_t dim) {
   }
 }
 
-template <typename T>
-void add_row(const T* x, const T* h, T* out, int64_t dim) {
+// H is T, or float: a row-parallel sum not yet rounded, rounded here to T first, as `.to(T)` would
+template <typename T, typename H>
+void add_row(const T* x, const H* h, T* out, int64_t dim) {
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(to_f(x[d]) + to_f(h[d]));
+  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(to_f(x[d]) + to_f(from_f<T>(to_f(h[d]))));
 }
 
 template <typename T>
@@ -96,18 +98,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
                                                 double eps) {
   check_rows(x, "add_rms_norm");
-  TORCH_CHECK(h.sizes() == x.sizes() && h.is_contiguous() && h.scalar_type() == x.scalar_type(),
-              "add_rms_norm: h must be contiguous, of x's shape and dtype");
+  const bool float_h = h.scalar_type() == at::kFloat;
+  TORCH_CHECK(h.sizes() == x.sizes() && h.is_contiguous() && (float_h || h.scalar_type() == x.scalar_type()),
+              "add_rms_norm: h must be contiguous, of x's shape, in x's dtype or float32");
   TORCH_CHECK(weight.is_contiguous() && x.size(-1) == weight.numel() && x.scalar_type() == weight.scalar_type(),
               "add_rms_norm: weight must be contiguous [dim] in x's dtype");
   auto sum = at::empty_like(x), out = at::empty_like(x);
   const int64_t dim = x.size(-1), rows = dim ? x.numel() / dim : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     scalar_t *sp = sum.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
+    const void* hp = h.data_ptr();
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        add_row(xp + r * dim, hp + r * dim, sp + r * dim, dim);
+        if (float_h)
+          add_row(xp + r * dim, static_cast<const float*>(hp) + r * dim, sp + r * dim, dim);
+        else
+          add_row(xp + r * dim, static_cast<const scalar_t*>(hp) + r * dim, sp + r * dim, dim);
         rms_row(sp + r * dim, wp, op + r * dim, dim, eps);
       }
     });
