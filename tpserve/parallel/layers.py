@@ -70,7 +70,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     - A 4-bit weight (uint8, two values a byte; ``scale`` and ``minv`` per row and group of 32,
       ``matvec.q4_linear``), an int8 weight (``scale``: one per output row, or per row and group
       of 32 for GGUF's Q8_0, ``matvec.q8_linear``) and, on CPUs with AVX-512, a bf16 weight
-      (``matvec.bf16_linear``: a few rows, or up to 128 without AVX512-BF16) go through
+      (``matvec.bf16_linear``: a few rows, or up to 64 without AVX512-BF16) go through
       ``matvec``'s kernels, which stream the weight at memory speed where torch's products
       reach about half of it.
     - Otherwise, inside ``torch.compile`` on CPU with at most ``REDUCE_ROWS`` rows is written as

@@ -25,8 +25,14 @@ from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 BF16_KERNEL_ROWS = 8  # bf16 at 8 rows: 10.8 GB/s of weights against oneDNN's 9.9; at 16 oneDNN's AMX wins
 # Without AVX512-BF16 torch's bf16 products are slow at every size (Xeon with AVX512-VNNI only,
 # 16 [1536, 576] / [576, 1536] products: F.linear 13 / 70 / 263 ms at 16 / 128 / 512 rows); the
-# widening kernel took 4.7 / 28 / 136 ms, float32 copies of the weights 11 / 33 / 71 ms.
-BF16_WIDE_ROWS = 128
+# widening kernel took 4.7 / 28 / 136 ms, float32 copies of the weights 11 / 33 / 71 ms. The
+# kernel's time grows with the rows (it is compute-bound there), a float32 copy's cost does not:
+# prefill of the default model / the 281M Llama at TP=1, bf16, same CPU, kernel up to 96 rows
+# against up to 64: 1.09x / 1.09x faster at 80 tokens with 64, a tie / 0.81x at 64 tokens with 32.
+BF16_WIDE_ROWS = 64
+# 4-bit and Q8_0 weights with bf16 activations, same CPU: their kernel up to these rows, where
+# torch's bf16 products (and a dequantized copy) are slower still
+GROUPED_BF16_ROWS = 128
 # int8 beyond these rows: one dequantized copy and the dense product (prefill). The kernel is
 # compute-bound there but dequantizing costs more: 2 threads, Xeon with AVX512-VNNI only, the
 # kernel against dequantize + F.linear at 16 / 64 / 128 rows, float32 x: [5632, 1024] 1.3 / 5.7 /
@@ -211,12 +217,12 @@ def _bf16_rows(path: str) -> int:
 
 
 def _grouped_rows(dtype: torch.dtype) -> int:
-    return BF16_WIDE_ROWS if dtype is torch.bfloat16 and not native_bf16() else Q4_KERNEL_ROWS
+    return GROUPED_BF16_ROWS if dtype is torch.bfloat16 and not native_bf16() else Q4_KERNEL_ROWS
 
 
 def _grouped_kernel_takes(x: torch.Tensor) -> bool:
     """Whether the 4-bit and Q8_0 kernels take ``x``'s rows: up to ``Q4_KERNEL_ROWS``, or up to
-    ``BF16_WIDE_ROWS`` for bf16 activations on a CPU without native bf16, where torch's bf16
+    ``GROUPED_BF16_ROWS`` for bf16 activations on a CPU without native bf16, where torch's bf16
     products are slow at every size (q4 [5632, 1024], bf16 x, 2 threads, Xeon with AVX512-VNNI
     only: the kernel 4.6 / 10.0 ms at 64 / 128 rows against 21.5 / 34.6 ms dequantized; with
     float32 x they tie from ~48 rows)."""
