@@ -64,11 +64,7 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: fl
     """``(x + h, rms_norm(x + h))``: a sub-layer's output added to the residual stream, and the
     next sub-layer's input. ``h`` may be float32 with a lower-precision x (a row-parallel sum):
     it is rounded to x's dtype first, as ``finish_rows`` would."""
-    if h.dtype == x.dtype:
-        if fits(x, h, weight) and h.shape == x.shape:
-            return _ext.add_rms_norm(x, h, weight, eps)
-    elif (h.dtype == torch.float32 and fits(x, weight) and h.shape == x.shape and h.is_contiguous()
-          and not (torch.is_grad_enabled() and h.requires_grad)):
+    if h.dtype in (x.dtype, torch.float32) and h.shape == x.shape and fits(x, weight) and fits(h):
         return _ext.add_rms_norm(x, h, weight, eps)
     x = x + h.to(x.dtype)
     return x, rms_norm(x, weight, eps)

@@ -83,13 +83,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     all-reduce adds up (rounded once after it, as TP = 1 rounds once), and for logits (bf16's
     coarse grid, 1/16 at 10, makes ties that float32 logits do not have).
     """
-    if weight.dtype is torch.uint8:
+    kind = matvec.weight_kind(weight, scale)
+    if kind == "q4":
         return matvec.q4_linear(x, weight, scale, minv, bias, float_out)
-    if scale is not None and scale.dim() == 2:  # int8 with a scale per row and group of 32
+    if kind == "q8":  # int8 with a scale per row and group of 32
         return matvec.q8_linear(x, weight, scale, bias, float_out)
-    if scale is not None:
+    if kind == "int8":
         return matvec.int8_linear(x, weight, scale, bias, float_out)
-    if weight.dtype is torch.bfloat16:
+    if kind == "bf16":
         y = matvec.bf16_linear(x, weight, bias, float_out)
         if y is not None:
             return y

@@ -252,6 +252,17 @@ def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     return F.linear(x, dequantize_q8(qweight, scale, x.dtype), bias)
 
 
+def weight_kind(weight: torch.Tensor, scale: torch.Tensor | None) -> str | None:
+    """Which product a weight takes: "q4" (uint8, two 4-bit values a byte), "q8" (int8 with a
+    scale per row and group of 32: GGUF's Q8_0), "int8" (a scale per row), "bf16", or None (the
+    stock one): the one place the products read a weight's form, ``layers.linear`` and
+    :func:`kernel_call` alike."""
+    if weight.dtype is torch.uint8:
+        return "q4"
+    if scale is not None:
+        return "q8" if scale.dim() == 2 else "int8"
+    return "bf16" if weight.dtype is torch.bfloat16 else None
+
 
 def kernel_call(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None, float_out: bool,
                 minv: torch.Tensor | None, dtype: torch.dtype) -> tuple[Callable[[torch.Tensor], torch.Tensor], int] | None:
@@ -261,17 +272,18 @@ def kernel_call(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Te
     ~7 us a call, ~0.8 ms of a ~15 ms bf16 step of the default model (120 products)."""
     if not available() or weight.device.type != "cpu":
         return None
-    ext = _ext
-    if weight.dtype is torch.uint8:
+    ext, kind = _ext, weight_kind(weight, scale)
+    if kind == "q4":
         return (lambda x: ext.q4_linear(x, weight, scale, minv, bias, float_out)), _grouped_rows(dtype)
-    if scale is not None and scale.dim() == 2:
+    if kind == "q8":
         return (lambda x: ext.q8_linear(x, weight, scale, bias, float_out)), _grouped_rows(dtype)
-    if scale is not None:
+    if kind == "int8":
         return (lambda x: ext.int8_linear(x, weight, scale, bias, float_out)), INT8_KERNEL_ROWS
     path = bf16_kernel()
-    if weight.dtype is torch.bfloat16 and dtype is torch.bfloat16 and path is not None and weight.is_contiguous():
+    if kind == "bf16" and dtype is torch.bfloat16 and path is not None and weight.is_contiguous():
         return (lambda x: ext.bf16_linear(x, weight, bias, float_out)), _bf16_rows(path)
     return None
+
 
 def dequantize_q8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense [N, K] weight ``q * scale`` of int8 ``qweight`` with ``scale`` [N, K / 32]
