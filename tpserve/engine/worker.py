@@ -16,6 +16,7 @@ import torch
 
 from tpserve.parallel import CommError, group_size
 from tpserve.utils.fs import pid_alive
+from tpserve.utils.heap import freeze_heap
 
 from . import commands
 from .runner import full_logits, init_cache, ranks_on_this_host, run_step
@@ -86,6 +87,7 @@ def worker_main(rank: int, world: int, port: int, model_path: str, dtype: str, d
         group = join_engine_group(store, rank, world, dev, comm_timeout)
         model = load_model(model_path, dtype=dtype, device=dev, group=group, progress=False,
                            decode_layout=dev.type == "cpu", compile=compile_decode, quantization=quantization)
+        freeze_heap()
         conn.send(("ready", None))
         state: dict = {}
         while True:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tpserve.engine.detokenizer import max_token_chars
 from tpserve.engine.llm import MAX_LOGPROBS
 from tpserve.engine.sampling import SamplingParams, room_left
+from tpserve.utils.heap import freeze_heap
 
 from .limits import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -507,6 +508,7 @@ def serve(args) -> None:
                 engine.stop()  # the server is gone (stopped, or it failed to start): so is the engine
 
         web = threading.Thread(target=http, name="tpserve-http", daemon=True)
+        freeze_heap()  # the engine, the app and every module they import: out of the collector's walks
         shown = f"[{args.host}]" if ":" in args.host else args.host
         compiled = ", compiled decode" if getattr(args, "compile", False) else ""
         with _stop_on_signals(server, engine):
