@@ -125,6 +125,13 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
 }
 
+// a head's D values of one token, a cache line at a time
+template <int Hint, typename T, int D>
+inline void prefetch_head(const T* p) {
+  for (int64_t o = 0; o < D; o += 64 / static_cast<int64_t>(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(p + o), static_cast<_mm_hint>(Hint));
+}
+
 template <typename T, int D>
 void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const int64_t* hi, const T* kp,
                         const T* vp, const int64_t* table, int64_t block, int64_t block_stride, int64_t token_stride,
@@ -135,8 +142,14 @@ void attend_part_avx512(const float* qf, int64_t nq, const int64_t* lo, const in
   locate(table, block, block_stride, token_stride, first, last, where);
   score.resize(nq * n16);
   float* sc = score.data();
+  for (int64_t i = 0; i < std::min<int64_t>(n, 16); ++i) prefetch_head<_MM_HINT_T0, T, D>(kp + where[i]);
   for (int64_t t = 0; t < n; t += 16) {
     const int64_t m = std::min<int64_t>(16, n - t);
+    // The next tile's keys to L1 and this tile's values to L2, while this tile's scores compute: a
+    // head's slice of a token is a few lines in every token_stride, which the hardware prefetcher
+    // alone followed at ~8 GB/s (cache cold, 8 rows over 279 keys), the scores then waiting on it
+    for (int64_t i = t + 16; i < std::min<int64_t>(n, t + 32); ++i) prefetch_head<_MM_HINT_T0, T, D>(kp + where[i]);
+    for (int64_t i = t; i < t + m; ++i) prefetch_head<_MM_HINT_T1, T, D>(vp + where[i]);
     __m512 key[16][V];
     for (int64_t i = 0; i < 16; ++i)
       for (int c = 0; c < V; ++c) key[i][c] = i < m ? load16(kp + where[t + i] + 16 * c) : _mm512_setzero_ps();
