@@ -98,7 +98,7 @@ def test_prompt_chunks_are_sized_by_measured_step_times():
     assert timer.token_s == pytest.approx(0.005)
     assert timer.budget(decoding=True, long=True) == int(ITL_SLACK * timer.decode_s / timer.token_s) > MIN_CHUNK
     assert timer.budget(decoding=True) == 16  # short prompts still start a block at a time
-    timer.record(decode_rows=16, prompt_tokens=1, seconds=0.150)  # 100 ms: a kernel tile a step, never less
+    timer.record(decode_rows=16, prompt_tokens=1, seconds=0.150)  # 100 ms: the floor, never less
     assert timer.budget(decoding=True, long=True) == MIN_CHUNK
     timer.record(decode_rows=16, prompt_tokens=10, seconds=0.070)  # ... a cheaper one slowly
     assert 0.010 < timer.token_s < 0.100
@@ -140,3 +140,34 @@ def test_only_a_long_prompt_in_mid_prefill_takes_chunks_below_a_block():
     assert set(long[:-1]) == {MIN_CHUNK} and sum(long) == LONG_PROMPT + 36
     engine.step()  # the long one decodes now: a short prompt goes a block a step again
     assert prefill(LONG_PROMPT - 1) == short
+
+
+def test_a_long_prompt_the_cache_mostly_holds_takes_a_block_a_step():
+    """A chat request after a shared system prompt has a few tokens to compute: it starts a block
+    at a time (time to first token), where an uncached prompt as long is cut to the floor."""
+    from tpserve.engine.llm_engine import LONG_PROMPT, MIN_CHUNK, LLMEngine
+
+    chunk_sizes: list[list[int]] = []
+
+    def run(cmd):
+        chunk_sizes.append([n for n, _, _ in cmd[1]["chunks"]])
+        return torch.full((len(cmd[1]["logit_rows"]),), 7), None
+
+    engine = LLMEngine(run, num_blocks=256, block_size=16, max_num_seqs=8, prefix_caching=True)
+    engine.timer.record = lambda *args: None
+    engine.timer.decode_s = engine.timer.token_s = 0.01  # every budget is its floor
+    greedy = SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0)
+    engine.add([1, 2, 3], greedy)
+    engine.step()  # a stream is decoding
+    system = list(range(10, 10 + LONG_PROMPT + 32))  # whole blocks, so all of it can be cached
+
+    def prefill(ids: list[int]) -> list[int]:
+        chunk_sizes.clear()
+        seq = engine.add(ids, greedy)
+        while seq.num_computed < len(ids):
+            engine.step()
+        engine.abort(seq)  # its blocks stay cached
+        return [sizes[0] if sizes else 1 for sizes in chunk_sizes]  # a last token alone goes as a decode row
+
+    assert set(prefill(system + [5000])[:-1]) == {MIN_CHUNK}  # nothing cached: all of it to compute
+    assert prefill(system + list(range(6000, 6040))) == [16, 16, 8]  # 40 to compute: a block a step

@@ -23,7 +23,7 @@ from .sequence import Sequence
 ITL_SLACK = 0.5  # a step with prompt chunks may take this many decode steps' time more
 FIRST_CHUNK = 64  # prompt tokens per step while decoding, until the costs are measured
 MAX_PREFILL = 2048  # prompt tokens per step when nothing is decoding
-LONG_PROMPT = 256  # a prompt this long may be chunked below a block while others decode
+LONG_PROMPT = 256  # a prompt with this many tokens to compute (not cached) may be chunked below a block while others decode
 # ... but not below this. Each prompt row costs about as much as a decode row in the products
 # (default model, 4-bit: 8 rows 16.5 ms, 10 rows 20.8, 12 rows 23.8 a step) plus its attention over
 # the prompt so far; 4 rows at ~700 keys made a step ~2.2x a decode step of 8 streams, 2 rows ~1.9x
@@ -40,9 +40,10 @@ class StepTimer:
 
     def budget(self, decoding: bool, long: bool = False) -> int:
         """Prompt tokens the next step may carry. At least a block, so that short prompts arriving
-        together start together; down to ``MIN_CHUNK`` tokens while a ``long`` prompt
-        (``LONG_PROMPT`` tokens or more) prefills or is next to start, whose late tokens attend to
-        all before them (a block of them made a step 3-6x a decode step)."""
+        together start together; down to ``MIN_CHUNK`` tokens while a ``long`` prompt (one with
+        ``LONG_PROMPT`` tokens or more to compute) prefills or is next to start, whose late tokens
+        attend to all before them (a block of them made a step 3-6x a decode step). A prompt that
+        the cache mostly holds (a shared system prompt) takes a block a step."""
         if not decoding:
             return MAX_PREFILL
         if self.decode_s is None or self.token_s is None:
@@ -138,10 +139,7 @@ class LLMEngine:
         ended on EOS). A finished sequence has left the engine by the time this returns."""
         running = self.scheduler.running
         decoding = any(s.num_tokens - s.num_computed == 1 for s in running)
-        # a long prompt mid-prefill, or about to start one (its first chunk is as dear as the rest)
-        waiting = self.scheduler.waiting
-        long = any(s.num_tokens - s.num_computed > 1 and s.num_tokens >= LONG_PROMPT
-                   for s in (running + [waiting[0]] if waiting else running))
+        long = self.scheduler.long_prefill(LONG_PROMPT)
         scheduled = self.scheduler.schedule(self.timer.budget(decoding, long))
         if not scheduled:
             if self.scheduler.waiting and not self.scheduler.running:  # cannot happen: add() checks the size

@@ -79,12 +79,25 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, use_cache)
+            seq.uncached = seq.num_tokens - seq.num_computed
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             chunks.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(later))
         return decode + chunks
+
+    def long_prefill(self, tokens: int) -> bool:
+        """Whether a prompt with at least ``tokens`` to compute (less what the cache held) is
+        prefilling, or is next to start."""
+        if any(s.num_tokens - s.num_computed > 1 and s.uncached >= tokens for s in self.running):
+            return True
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head.num_tokens < tokens:
+            return False
+        use_cache = head.prompt_logprobs is None
+        held = len(self.blocks.cached_prefix(head.token_ids_all)) * self.blocks.block_size if use_cache else 0
+        return head.num_tokens - held >= tokens
 
     def _shares_a_prefill(self, seq: Sequence) -> bool:
         """Whether a running sequence is still prefilling the same first block (the n completions

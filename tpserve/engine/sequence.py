@@ -42,6 +42,7 @@ class Sequence:
             [None] if params.prompt_logprobs is not None else None)
         self.block_table: list[int] = []
         self.num_computed = 0
+        self.uncached = 0  # tokens it had to compute when it last started: the cache held the rest
         self.preempted = 0  # times its blocks were taken back (it is then recomputed)
 
     @property
