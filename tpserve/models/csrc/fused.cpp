@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "bf16_bits.h"
 #include "fast_exp.h"
@@ -50,7 +51,10 @@ void rope_row(const T* x, const T* c, const T* s, T* o, int64_t dim) {
 template <typename T, typename H>
 void add_row(const T* x, const H* h, T* out, int64_t dim) {
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) out[d] = from_f<T>(to_f(x[d]) + to_f(from_f<T>(to_f(h[d]))));
+  for (int64_t d = 0; d < dim; ++d) {
+    if constexpr (std::is_same_v<H, T>) out[d] = from_f<T>(to_f(x[d]) + to_f(h[d]));
+    else out[d] = from_f<T>(to_f(x[d]) + to_f(from_f<T>(h[d])));
+  }
 }
 
 template <typename T>
