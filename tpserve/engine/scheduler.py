@@ -73,12 +73,11 @@ class Scheduler:
             if self._shares_a_prefill(seq):  # its prefix is being computed: wait for it, then reuse it
                 later.append(self.waiting.popleft())
                 continue
-            use_cache = seq.prompt_logprobs is None  # every prompt position must be computed to be scored
             # keep a block per running sequence in hand, so the next decodes need not preempt
-            if not self.blocks.can_allocate(seq.token_ids_all, len(self.running), use_cache):
+            if not self.blocks.can_allocate(seq.token_ids_all, len(self.running), seq.uses_cache):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, use_cache)
+            self.blocks.allocate(seq, seq.uses_cache)
             seq.uncached = seq.num_tokens - seq.num_computed
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
@@ -95,15 +94,14 @@ class Scheduler:
         head = self.waiting[0] if self.waiting else None
         if head is None or head.num_tokens < tokens:
             return False
-        use_cache = head.prompt_logprobs is None
-        held = len(self.blocks.cached_prefix(head.token_ids_all)) * self.blocks.block_size if use_cache else 0
+        held = len(self.blocks.cached_prefix(head.token_ids_all)) * self.blocks.block_size if head.uses_cache else 0
         return head.num_tokens - held >= tokens
 
     def _shares_a_prefill(self, seq: Sequence) -> bool:
         """Whether a running sequence is still prefilling the same first block (the n completions
         of one prompt, or requests with one system prompt that arrive together)."""
         bs = self.blocks.block_size
-        if not self.blocks.prefix_caching or seq.num_tokens <= bs or seq.prompt_logprobs is not None:
+        if not self.blocks.prefix_caching or seq.num_tokens <= bs or not seq.uses_cache:
             return False
         head = seq.prompt_ids[:bs]
         return any(r.num_computed < len(r.prompt_ids) and r.prompt_ids[:bs] == head for r in self.running)

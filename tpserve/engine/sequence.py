@@ -46,6 +46,12 @@ class Sequence:
         self.preempted = 0  # times its blocks were taken back (it is then recomputed)
 
     @property
+    def uses_cache(self) -> bool:
+        """Whether it may start from cached blocks: not when its prompt is scored
+        (``prompt_logprobs``), which needs every prompt position computed."""
+        return self.prompt_logprobs is None
+
+    @property
     def token_ids_all(self) -> list[int]:
         return self.prompt_ids + self.token_ids
 
