@@ -64,13 +64,17 @@ $(LMEVAL_VENV)/.installed:
 	touch $@
 
 # llama.cpp through llama-cpp-python, built from source in a venv of its own: the quantized-CPU
-# anchor of benchmarks/generate.py --llama-cpp (the default model's GGUF file, same threads)
+# anchor of benchmarks/generate.py --llama-cpp (the default model's GGUF file, same threads).
+# Its AMX matrix path is left out: on AMX Xeons it segfaults in ggml_backend_amx_mul_mat on the
+# default model's first eval (ggml-org/llama.cpp#20824); AVX-512 and VNNI stay on. No pip cache:
+# a wheel built earlier with other flags would be reused.
+LLAMACPP_CFLAGS = -mno-amx-int8 -mno-amx-tile -mno-amx-bf16
 llamacpp-venv: $(LLAMACPP_VENV)/.installed
 
 $(LLAMACPP_VENV)/.installed:
 	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMACPP_VENV)/bin/python -m pip install -q llama-cpp-python==$(LLAMACPP_VERSION)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(LLAMACPP_CFLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMACPP_CFLAGS)'" $(LLAMACPP_VENV)/bin/python -m pip install -q --no-cache-dir llama-cpp-python==$(LLAMACPP_VERSION)
 	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp"
 	touch $@
 
