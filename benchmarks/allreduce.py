@@ -6,7 +6,8 @@
 Two timings per size: "synced" is the median of single calls that start together (a barrier
 before each); "back to back" is the mean of consecutive calls with nothing in between, as a
 decode step makes them (two per layer). Bus bandwidth uses the ring formula (nccl-tests'
-busbw): algbw x 2(n-1)/n, so numbers for different TP degrees compare. fp32 messages.
+busbw): algbw x 2(n-1)/n, so numbers for different TP degrees compare. fp32 messages unless
+``--dtype bfloat16`` (or float16): a prefill's sums at bf16, which shared memory adds in float.
 """
 
 from __future__ import annotations
@@ -52,21 +53,21 @@ def _time(x: torch.Tensor, group, iters: int) -> tuple[float, float]:
     return t[0].item(), t[1].item()
 
 
-def _rank_main(iters: int, device: str) -> None:
+def _rank_main(iters: int, device: str, dtype: str = "float32") -> None:
     world = dist.get_world_size()
     paths = {"gloo": dist.new_group(backend=dist.get_backend())}  # the same ranks without shared memory
     if shm.of(dist.group.WORLD) is not None:
         paths["shm"] = dist.group.WORLD
     rows = []
     for nbytes in SIZES:
-        x = torch.ones(nbytes // 4, device=device)
+        x = torch.ones(nbytes // getattr(torch, dtype).itemsize, device=device, dtype=getattr(torch, dtype))
         n = max(5, min(iters, int(4e9 // max(nbytes, 1)) // 50))
         row = [nbytes]
         for group in paths.values():
             row += _time(x, group, n)
         rows.append(row)
     if dist.get_rank() == 0:
-        print(f"\nall_reduce_sum, TP={world}, {' and '.join(paths)} (latency in us; busbw from the synced time)")
+        print(f"\nall_reduce_sum, TP={world}, {dtype}, {' and '.join(paths)} (latency in us; busbw from the synced time)")
         head = f"{'size':>9}"
         for name in paths:
             head += f" {name + ' synced':>12} {name + ' b2b':>10} {name + ' busbw':>11}"
@@ -88,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: from the device)")
     args = parser.parse_args()
     device = "cuda" if args.backend == "nccl" or (args.backend is None and torch.cuda.is_available()) else "cpu"
@@ -95,7 +97,7 @@ def main() -> None:
         shm.extension()  # build it here once, not in every rank
     print(f"machine: {torch.get_num_threads()} torch threads, device {device}")
     for tp in args.tp:
-        launch_local(_rank_main, tp, args.iters, device, backend=args.backend)
+        launch_local(_rank_main, tp, args.iters, device, args.dtype, backend=args.backend)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tpserve.utils.fs import pid_alive
-from tpserve.utils.native import optional_extension
+from tpserve.utils.native import NATIVE_FLAGS, optional_extension
 
 SLOT_BYTES = 1 << 20  # per rank and slot; larger messages go through in several rounds
 SHM_DIR = Path("/dev/shm")
@@ -55,7 +55,7 @@ def extension():
     from building it at the same time); None, with one warning, when it cannot be built."""
     global _ext
     if _ext is None:
-        _ext = optional_extension(Path(__file__).with_name("csrc") / "shm_comm.cpp", "tpserve_shm", ("-O3",),
+        _ext = optional_extension(Path(__file__).with_name("csrc") / "shm_comm.cpp", "tpserve_shm", ("-O3", *NATIVE_FLAGS),
                                   "shared-memory collectives", "using gloo (set TPSERVE_SHM=0 to silence this)")
     return _ext
 

@@ -58,9 +58,9 @@ inline float bf16_to_f32(uint16_t h) {
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t nan = (bits >> 16) | 0x40u;  // NaN stays NaN; a select, not a branch, so loops vectorize
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 inline float f16_to_f32(uint16_t h) {
@@ -119,6 +119,35 @@ bool alive(int64_t pid) {
   return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
 }
 
+// Sums 16-bit slots into ``out`` in float, rank by rank, a tile at a time: the bf16 loops are
+// plain enough for the compiler to vectorize (a scalar loop spent ~145 us on a prefill's
+// 128 x 576 bf16 sum at TP = 2). Each element's sum runs in rank order, so every rank gets the
+// same bits.
+void sum_halves(const std::vector<const char*>& slots, uint16_t* out, int64_t n, bool bf) {
+  constexpr int64_t kTile = 512;
+  float acc[kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t m = std::min(kTile, n - t);
+    for (size_t j = 0; j < slots.size(); ++j) {
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(slots[j]) + t;
+      if (bf) {
+        if (j == 0) {
+          for (int64_t i = 0; i < m; ++i) acc[i] = bf16_to_f32(s[i]);
+        } else {
+          for (int64_t i = 0; i < m; ++i) acc[i] += bf16_to_f32(s[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < m; ++i) acc[i] = (j == 0 ? 0.0f : acc[i]) + f16_to_f32(s[i]);
+      }
+    }
+    if (bf) {
+      for (int64_t i = 0; i < m; ++i) out[t + i] = f32_to_bf16(acc[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) out[t + i] = f32_to_f16(acc[i]);
+    }
+  }
+}
+
 class Comm {
  public:
   Comm(uintptr_t base, int rank, int world, int64_t slot_bytes, int64_t spins)
@@ -149,16 +178,7 @@ class Comm {
           for (int64_t i = 0; i < n; ++i) out[i] += s[i];
         }
       } else {
-        uint16_t* out = reinterpret_cast<uint16_t*>(data) + off;
-        const bool bf = dtype == BF16;
-        for (int64_t i = 0; i < n; ++i) {
-          float acc = 0.0f;
-          for (int j = 0; j < world_; ++j) {
-            const uint16_t v = reinterpret_cast<const uint16_t*>(slots[j])[i];
-            acc += bf ? bf16_to_f32(v) : f16_to_f32(v);
-          }
-          out[i] = bf ? f32_to_bf16(acc) : f32_to_f16(acc);
-        }
+        sum_halves(slots, reinterpret_cast<uint16_t*>(data) + off, n, dtype == BF16);
       }
     }
   }
