@@ -22,6 +22,7 @@ from tpserve.parallel.quantize import (
     quantize_q4,
 )
 from tpserve.utils.dtypes import MODEL_DTYPE_NAMES
+from tpserve.utils.hugepages import pack_on_huge_pages
 from tpserve.utils.threads import run_in_threads
 
 from . import fused
@@ -203,6 +204,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
     model.eval().requires_grad_(False)
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if device.type == "cpu":
+        pack_on_huge_pages(model)  # after every step above that makes new tensors
     model.source_path = path
     model.quantization = stored or quantization
     if compile:
