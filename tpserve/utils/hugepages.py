@@ -49,7 +49,7 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
                 values.extend(v)
 
 
-def _advised(nbytes: int) -> torch.Tensor:
+def huge_page_bytes(nbytes: int) -> torch.Tensor:
     """Untouched bytes (a fresh allocation of this size is its own mapping) of which every 2 MiB
     page is advised to be a huge one; the first write faults each in."""
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
@@ -77,7 +77,7 @@ def pack_on_huge_pages(module: nn.Module) -> int:
     total = sum((n + ALIGN - 1) // ALIGN * ALIGN for n in sizes.values())
     if not enabled() or not total:
         return 0
-    arena = _advised(total)
+    arena = huge_page_bytes(total)
     base = arena.untyped_storage()
     at = arena.data_ptr() - base.data_ptr()  # bytes into the allocation: a multiple of ALIGN
     with torch.no_grad():
