@@ -60,9 +60,8 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5, tp: int = 1) -> float:
     (``rank_cores``) with one torch thread per core, summing its 1/tp of the buffer."""
     import threading
 
-    from tpserve.utils.cpus import rank_cores
-
     from tpserve.utils import hugepages
+    from tpserve.utils.cpus import rank_cores
 
     n = max(nbytes, 2**26) // 4 // tp * 4
     # on 2 MiB pages, as the engine keeps its weights (4 KiB pages read ~20% slower here)
