@@ -1,10 +1,11 @@
 """A loaded model's CPU tensors moved onto 2 MiB pages.
 
-Decode reads every weight once a token. On 4 KiB pages that stream misses the TLB every 4 KiB:
-the bf16 kernel read the default model's weights at 18.5 GB/s on 4 KiB pages and 23.4 GB/s on
-2 MiB pages (2-core Xeon, ``benchmarks/generate.py`` reads the model the same way). Linux gives
-an anonymous mapping huge pages where it is advised (``MADV_HUGEPAGE``; transparent huge pages
-in "madvise" mode, the common default), so the tensors are copied into one such mapping.
+Decode reads every weight once a token, and on 4 KiB pages that stream misses the TLB every
+4 KiB. On a 2-core Xeon the bf16 kernel, looping over the default model's 30 layers of weights,
+read 18.5 GB/s from 4 KiB pages and 23.4 GB/s from 2 MiB pages, and the engine decoded 1.19x
+faster in bf16 (``TPSERVE_HUGEPAGES=0`` against the default, alternating processes). Linux backs
+an anonymous mapping with huge pages where it is advised (``MADV_HUGEPAGE``; transparent huge
+pages in "madvise" mode, the common default), so the tensors are copied into one such mapping.
 """
 
 from __future__ import annotations
