@@ -65,7 +65,7 @@ def test_big_weights_land_on_huge_pages(monkeypatch):
     if not hugepages.enabled():
         pytest.skip("transparent huge pages are off on this machine (or TPSERVE_HUGEPAGES=0)")
     lin = nn.Linear(2048, 4096, bias=False).requires_grad_(False)  # 32 MiB
-    assert _huge_kib(lin.weight.data_ptr()) == 0  # torch's own allocation: small pages
+    # (torch's own allocation may sit on huge pages already, after earlier tests: not asserted)
     assert hugepages.pack_on_huge_pages(lin) >= 32 << 20
     assert _huge_kib(lin.weight.data_ptr()) >= 16 << 10  # most of the 32 MiB (pages are advice)
 
