@@ -58,9 +58,9 @@ def _rank_main(iters: int, device: str, dtype: str = "float32") -> None:
     paths = {"gloo": dist.new_group(backend=dist.get_backend())}  # the same ranks without shared memory
     if shm.of(dist.group.WORLD) is not None:
         paths["shm"] = dist.group.WORLD
-    rows = []
+    rows, dt = [], getattr(torch, dtype)
     for nbytes in SIZES:
-        x = torch.ones(nbytes // getattr(torch, dtype).itemsize, device=device, dtype=getattr(torch, dtype))
+        x = torch.ones(nbytes // dt.itemsize, device=device, dtype=dt)
         n = max(5, min(iters, int(4e9 // max(nbytes, 1)) // 50))
         row = [nbytes]
         for group in paths.values():

@@ -51,8 +51,9 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 
 def huge_page_bytes(nbytes: int) -> torch.Tensor:
-    """Untouched bytes (a fresh allocation of this size is its own mapping) of which every 2 MiB
-    page is advised to be a huge one; the first write faults each in."""
+    """Bytes of which every 2 MiB page is advised to be a huge one. Above glibc's mmap threshold
+    (at most 32 MiB) the allocation is a fresh mapping and each page becomes huge at its first
+    write; below it, heap pages written before stay small."""
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     region = raw[start:start + nbytes]
@@ -69,6 +70,8 @@ def pack_on_huge_pages(module: nn.Module) -> int:
     tensors have moved, so memory peaks at the model plus its largest storage). Returns the bytes
     moved (0 when off; tensors on another device or that need grad stay where they are). The
     copy costs ~2 ms per MB, once, at load."""
+    if not enabled():
+        return 0
     storages: dict[int, list[torch.Tensor]] = {}
     for t in _tensors(module):
         if t.device.type != "cpu" or t.requires_grad or t.is_sparse or t.is_quantized:
@@ -76,7 +79,7 @@ def pack_on_huge_pages(module: nn.Module) -> int:
         storages.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     sizes = {ptr: ts[0].untyped_storage().nbytes() for ptr, ts in storages.items()}
     total = sum((n + ALIGN - 1) // ALIGN * ALIGN for n in sizes.values())
-    if not enabled() or not total:
+    if not total:
         return 0
     arena = huge_page_bytes(total)
     base = arena.untyped_storage()
